@@ -1,0 +1,1 @@
+"""Bulk tagging: Ray Data pipeline, inference backends and the Parquet tag table."""

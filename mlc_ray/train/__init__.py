@@ -1,0 +1,1 @@
+"""Training: Ray Train worker loop, losses, metrics and hard-sample mining."""
