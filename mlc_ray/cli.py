@@ -1,0 +1,89 @@
+"""What every job script shares: logging, Ray start-up, and turning user errors into one clear line.
+
+A job in ``jobs/`` is ``main(argv=None) -> int``: parse arguments, then ``return run_job(fn)``.
+``run_job`` maps the errors a user can fix (bad config, bad manifest, missing file or bucket,
+unknown model alias) to a single ``error: ...`` line on stderr and exit code 2, so a scheduler's
+log shows what went wrong and where without a traceback; anything else is a bug and keeps its
+traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["JobError", "UserError", "EXIT_USER_ERROR", "setup_logging", "init_ray", "run_job"]
+
+EXIT_USER_ERROR = 2
+log = logging.getLogger("mlc_ray")
+
+
+class UserError(Exception):
+    """Something the user can fix (wrong URI, missing bucket, unknown alias, ...). Message is shown as is."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class JobError(UserError):
+    """A job-level failure with its own exit code (e.g. error rate above --max-error-rate)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("mlc_ray").setLevel(level)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "alembic", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local Ray.
+
+    Already-initialised Ray (tests, notebooks) is left as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from mlc_ray.config import ConfigError
+
+    types: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError, PermissionError]
+    try:
+        from mlc_ray.data.manifest import ManifestError
+
+        types.append(ManifestError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def run_job(fn: Callable[[], int | None]) -> int:
+    """Run a job body; user errors become one line on stderr and a non-zero exit code."""
+    try:
+        code = fn()
+        return 0 if code is None else int(code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as exc:
+        code = getattr(exc, "exit_code", EXIT_USER_ERROR)
+        if isinstance(exc, FileNotFoundError) and exc.filename:
+            message = f"not found: {exc.filename}"
+        else:
+            message = str(exc) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return code
