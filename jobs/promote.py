@@ -1,0 +1,77 @@
+"""Promote a registered model version to `champion` if it beats the current one, or roll back.
+
+    python jobs/promote.py --name NAME [--eval-data MANIFEST] [--candidate challenger|VERSION]
+        [--metric macro_f1] [--min-delta 0.0] [--max-label-drop 0.03] [--split auto] [--dry-run]
+    python jobs/promote.py --name NAME --rollback
+
+Candidate and champion are evaluated on the same data, each at its own calibrated thresholds.
+Without --eval-data the candidate's training manifest (its `manifest_uri` tag) is used, and with
+--split auto only its `val` rows when it has a split column (the demo model's val split).
+Exit codes: 0 promoted (or rolled back, or already champion), 3 the gate refused, 4 an artifact
+does not match its sha256 tag, 2 a user error (unknown model/alias, bad manifest), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mlc_ray.cli import run_job, setup_logging
+from mlc_ray.registry import CHALLENGER, promote, rollback
+
+log = logging.getLogger("mlc_ray.jobs.promote")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--eval-data", help="labelled manifest both versions are scored on")
+    parser.add_argument(
+        "--candidate", default=CHALLENGER, help="version number or alias (default: challenger)"
+    )
+    parser.add_argument("--metric", default="macro_f1", help="scalar metric to compare (default: macro_f1)")
+    parser.add_argument(
+        "--min-delta", type=float, default=0.0, help="candidate must beat champion by this much"
+    )
+    parser.add_argument(
+        "--max-label-drop", type=float, default=0.03, help="largest F1 drop allowed on any one label"
+    )
+    parser.add_argument(
+        "--split",
+        default="auto",
+        help="manifest rows to use: auto (val rows if split column), all, val, test",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="evaluate and report; change nothing")
+    parser.add_argument("--rollback", action="store_true", help="make previous-champion the champion again")
+    parser.add_argument("--cache-dir", help="where to download model versions (default: a temporary dir)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        if args.rollback:
+            decision = rollback(args.name, dry_run=args.dry_run, cache_dir=args.cache_dir)
+        else:
+            decision = promote(
+                args.name,
+                args.eval_data,
+                candidate=args.candidate,
+                metric=args.metric,
+                min_delta=args.min_delta,
+                max_label_drop=args.max_label_drop,
+                split=args.split,
+                dry_run=args.dry_run,
+                cache_dir=args.cache_dir,
+            )
+        print(decision.report())
+        return decision.exit_code
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

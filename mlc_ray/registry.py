@@ -1,0 +1,809 @@
+"""The MLflow model registry: register a model bundle, resolve a model URI, promote on evidence.
+
+A registered model version is one model bundle (see ``docs/internals.md``) logged as an MLflow
+pyfunc model (``mlc_ray/pyfunc_model.py``, "models from code") whose pyfunc ``artifacts`` are the
+bundle's files, with tags that make it auditable and verifiable:
+
+* ``sha256.<file>`` for every bundle file (``resolve_model`` refuses a download that differs);
+* ``training_run_id``, ``manifest_sha256``/``manifest_uri`` (when training passes them),
+  ``command_line``, ``git_commit``, ``metric.<name>`` for the scalar validation metrics.
+
+A new version gets alias ``challenger``; ``promote`` moves ``champion`` (and keeps
+``previous-champion``) only when the candidate beats the champion on the same evaluation data,
+each at its own thresholds, and writes ``promotion.*`` audit tags on both versions either way.
+Jobs resolve an alias to a concrete version once, at start (``resolve_model``), and use that
+version for the whole run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from mlc_ray.cli import UserError
+
+__all__ = [
+    "ARTIFACT_FILES",
+    "CHAMPION",
+    "CHALLENGER",
+    "PREVIOUS_CHAMPION",
+    "ArtifactIntegrityError",
+    "ModelNotFoundError",
+    "PromotionDecision",
+    "ResolvedModel",
+    "default_cache_dir",
+    "parse_model_uri",
+    "promote",
+    "register_bundle",
+    "resolve_model",
+    "rollback",
+    "verify_artifacts",
+]
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS_CHAMPION = "previous-champion"
+
+# pyfunc artifact key -> bundle file. Extra regular files in the bundle are logged too (key = name).
+ARTIFACT_FILES: dict[str, str] = {
+    "onnx": "model.onnx",
+    "int8": "model.int8.onnx",
+    "ncnn_param": "model.ncnn.param",
+    "ncnn_bin": "model.ncnn.bin",
+    "weights": "model.pt",
+    "model_config": "model.json",
+    "labels": "labels.json",
+    "preprocess": "preprocess.json",
+    "thresholds": "thresholds.json",
+    "metrics": "metrics.json",
+}
+REQUIRED_FILES = ("model.onnx", "labels.json", "preprocess.json", "thresholds.json")
+# Small files also logged as plain run artifacts, so they are readable in the MLflow UI.
+UI_FILES = ("thresholds.json", "labels.json", "preprocess.json", "metrics.json", "model.json")
+SHA_TAG_PREFIX = "sha256."
+MODEL_ARTIFACT_SUBDIR = "artifacts"  # where pyfunc puts `artifacts=` files inside the logged model
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+DEFAULT_EXPERIMENT = "mlc_ray-registry"
+MAX_TAG_VALUE = 5000  # MLflow's limit on a model version tag value
+
+
+class ModelNotFoundError(UserError):
+    """Unknown registered model, version or alias; the message lists what exists."""
+
+
+class ArtifactIntegrityError(UserError):
+    """A downloaded artifact does not match its sha256 tag: the version must not be used."""
+
+    exit_code = 4
+
+
+# --------------------------------------------------------------------------------------------- utils
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _is_not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") in (
+        "RESOURCE_DOES_NOT_EXIST",
+        "NOT_FOUND",
+        "INVALID_PARAMETER_VALUE",
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout this package runs from (with '-dirty' if it has local changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def _clip(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= MAX_TAG_VALUE else text[: MAX_TAG_VALUE - 3] + "..."
+
+
+def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        out[re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(key))] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- register
+
+
+@contextmanager
+def _local_bundle(bundle_dir: str) -> Iterator[Path]:
+    """The bundle as a local directory (an s3:// bundle is downloaded to a temporary one)."""
+    from mlc_ray import storage
+
+    if not storage.is_s3(bundle_dir):
+        path = Path(bundle_dir.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model bundle {bundle_dir} is not a directory (train/export write one)")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mlc_ray-bundle-") as tmp:
+        prefix = bundle_dir.rstrip("/") + "/"
+        count = 0
+        for obj in storage.iter_objects(prefix):
+            rel = obj.uri[len(prefix) :]
+            if "/" in rel or not rel:  # a bundle is flat; ignore sub-folders (e.g. checkpoints)
+                continue
+            storage.download_file(obj.uri, str(storage.safe_local_path(tmp, rel)))
+            count += 1
+        if count == 0:
+            raise UserError(f"model bundle {bundle_dir} is empty or missing")
+        yield Path(tmp)
+
+
+def _bundle_artifacts(local: Path) -> dict[str, Path]:
+    """pyfunc artifact key -> file, for every regular file at the top of the bundle."""
+    missing = [f for f in REQUIRED_FILES if not (local / f).is_file()]
+    if missing:
+        raise UserError(f"model bundle {local} lacks {', '.join(missing)}: export/calibrate the bundle first")
+    by_file = {v: k for k, v in ARTIFACT_FILES.items()}
+    artifacts = {}
+    for path in sorted(local.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        artifacts[by_file.get(path.name, re.sub(r"[^A-Za-z0-9_]", "_", path.name))] = path
+    return artifacts
+
+
+def _signature_and_example(local: Path) -> tuple[Any, Any]:
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
+
+    inputs = Schema([ColSpec(DataType.string, "image")])
+    outputs = Schema(
+        [
+            ColSpec(DataType.string, "image", required=False),
+            ColSpec(Array(DataType.string), "labels"),
+            ColSpec(
+                Array(Object([Property("label", DataType.string), Property("score", DataType.float)])),
+                "scores",
+            ),
+            ColSpec(DataType.string, "error", required=False),
+        ]
+    )
+    # MLflow stores the example as JSON beside the model and runs it through predict() when
+    # logging. No image URI resolves everywhere, so the example is a relative path that resolves
+    # nowhere: it documents the input and comes back as a row with `error` set, without network.
+    example = pd.DataFrame({"image": ["images/example.jpg"]})
+    return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+def _pip_requirements() -> list[str]:
+    from importlib import metadata
+
+    reqs = []
+    for dist in ("mlflow", "onnxruntime", "numpy", "pandas", "pillow", "pyarrow", "boto3"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(dist)
+    try:
+        reqs.append(f"mlc_ray=={metadata.version('mlc_ray')}")
+    except metadata.PackageNotFoundError:
+        reqs.append("mlc_ray")
+    return reqs
+
+
+@contextmanager
+def _run_for(run_id: str | None, name: str) -> Iterator[tuple[Any, bool]]:
+    """The MLflow run to log into: the training run (resumed if finished) or a new one."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and (run_id is None or active.info.run_id == run_id):
+        yield active, False
+        return
+    if run_id is not None:
+        try:
+            _client().get_run(run_id)
+        except MlflowException as exc:
+            if not _is_not_found(exc):
+                raise
+            raise UserError(f"training run {run_id} not found at {mlflow.get_tracking_uri()}") from exc
+        with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+            yield run, False
+        return
+    # An explicit experiment id, not mlflow.set_experiment(): registering must not change the
+    # caller's active experiment.
+    experiment_name = os.environ.get("MLC_RAY_REGISTRY_EXPERIMENT", DEFAULT_EXPERIMENT)
+    experiment = _client().get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else _client().create_experiment(experiment_name)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"register-{name}", nested=active is not None
+    ) as run:
+        yield run, True
+
+
+def register_bundle(
+    bundle_dir: str | os.PathLike[str],
+    name: str,
+    *,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    command_line: str | None = None,
+    alias: str | None = CHALLENGER,
+) -> Any:
+    """Log the bundle as a pyfunc model, register it as a new version of ``name``, tag it, alias it.
+
+    ``run_id`` is the training run (the model is logged into it); without it a ``register-NAME``
+    run is created. ``tags`` are added to the version (training passes ``manifest_sha256`` and
+    ``manifest_uri``); ``command_line`` defaults to this process's argv. Returns the
+    ``mlflow.entities.model_registry.ModelVersion`` (with its tags).
+    """
+    import mlflow
+
+    bundle_dir = str(bundle_dir)
+    with _local_bundle(bundle_dir) as local:
+        artifacts = _bundle_artifacts(local)
+        shas = {path.name: _sha256_file(path) for path in artifacts.values()}
+        metrics: dict[str, Any] = {}
+        if (local / "metrics.json").is_file():
+            metrics = json.loads((local / "metrics.json").read_text())
+        scalar_metrics = _scalar_metrics(metrics)
+
+        version_tags: dict[str, str] = {f"{SHA_TAG_PREFIX}{f}": sha for f, sha in shas.items()}
+        version_tags["bundle_uri"] = bundle_dir
+        version_tags["command_line"] = command_line or shlex.join([sys.executable, *sys.argv])
+        commit = _git_commit()
+        if commit:
+            version_tags["git_commit"] = commit
+        for key, value in scalar_metrics.items():
+            version_tags[f"metric.{key}"] = f"{value:.6g}"
+        if (local / "model.json").is_file():
+            model_cfg = json.loads((local / "model.json").read_text())
+            for key in ("arch", "manifest_sha256", "manifest_uri"):
+                if key in model_cfg:
+                    version_tags[key] = str(model_cfg[key])
+        for key, value in (tags or {}).items():
+            version_tags[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str)
+
+        signature, example = _signature_and_example(local)
+        with _run_for(run_id, name) as (run, new_run):
+            version_tags["training_run_id"] = str(
+                run_id or version_tags.get("training_run_id", run.info.run_id)
+            )
+            for fname in UI_FILES:
+                if (local / fname).is_file():
+                    mlflow.log_artifact(str(local / fname), artifact_path="bundle")
+            if new_run and scalar_metrics:
+                mlflow.log_metrics(scalar_metrics)
+            mlflow.set_tags({"mlc_ray.registered_model": name, "mlc_ray.bundle_uri": bundle_dir})
+            with warnings.catch_warnings():
+                # predict() has no type hints on purpose (see pyfunc_model.py); MLflow nags about it.
+                warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_FILE),
+                    artifacts={key: str(path) for key, path in artifacts.items()},
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=_pip_requirements(),
+                    registered_model_name=name,
+                )
+        version = str(info.registered_model_version)
+        client = _client()
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, version, key, _clip(value))
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
+        log.info(
+            "registered %s version %s (%s) from %s%s",
+            name,
+            version,
+            info.model_uri,
+            bundle_dir,
+            f"; alias '{alias}'" if alias else "",
+        )
+        return client.get_model_version(name, version)
+
+
+# --------------------------------------------------------------------------------------------- resolve
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model pinned to one concrete version, with its verified files in ``local_dir``."""
+
+    name: str | None  # registered model name; None for a plain bundle directory
+    version: str | None  # concrete version the alias pointed at when resolved
+    alias: str | None  # the alias the URI named, if any
+    local_dir: str  # a local bundle directory: model.onnx, thresholds.json, labels.json, ...
+    uri: str  # what the user asked for
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pinned_uri(self) -> str:
+        """``models:/NAME/VERSION`` (or the bundle directory): what a run should record."""
+        return f"models:/{self.name}/{self.version}" if self.name else self.uri
+
+    def sha256(self, file: str) -> str | None:
+        return self.tags.get(f"{SHA_TAG_PREFIX}{file}")
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/VERSION`` -> (NAME, VERSION, None)."""
+    rest = uri[len("models:/") :].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise UserError(f"bad model URI '{uri}': use models:/NAME@ALIAS (e.g. @champion) or models:/NAME/VERSION")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MLC_RAY_MODEL_CACHE", Path.home() / ".cache" / "mlc_ray" / "models"))
+
+
+def _aliases(name: str) -> dict[str, str]:
+    """alias -> version for a registered model (search_model_versions() leaves aliases empty)."""
+    model = _client().get_registered_model(name)
+    aliases = getattr(model, "aliases", None) or {}
+    return {str(k): str(v) for k, v in dict(aliases).items()}
+
+
+def _known_models() -> list[str]:
+    try:
+        return sorted(m.name for m in _client().search_registered_models(max_results=50))
+    except Exception:  # listing is a courtesy in an error message; never mask the real error
+        return []
+
+
+def _require_model(name: str) -> None:
+    """ModelNotFoundError listing the registered models when ``name`` is not one of them."""
+    import mlflow
+
+    try:
+        _client().get_registered_model(name)
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+        known = _known_models()
+        raise ModelNotFoundError(
+            f"no registered model '{name}' at {mlflow.get_tracking_uri()}; "
+            f"registered models: {', '.join(known) if known else '(none)'}"
+        ) from exc
+
+
+def _get_version(name: str, version: str | None, alias: str | None) -> Any:
+    """The ModelVersion for a version number or an alias, or ModelNotFoundError listing what exists."""
+    _require_model(name)
+    client = _client()
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+        aliases = _aliases(name)
+        listed = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "(none)"
+        what = f"alias '@{alias}'" if alias is not None else f"version {version}"
+        raise ModelNotFoundError(f"model '{name}' has no {what}; aliases: {listed}") from exc
+
+
+def verify_artifacts(local_dir: str | os.PathLike[str], tags: Mapping[str, str], *, where: str = "") -> None:
+    """Check every ``sha256.<file>`` tag against the file in ``local_dir``; raise naming the first bad file."""
+    local_dir = Path(local_dir)
+    expected = {k[len(SHA_TAG_PREFIX) :]: v for k, v in tags.items() if k.startswith(SHA_TAG_PREFIX)}
+    if not expected:
+        raise ArtifactIntegrityError(
+            f"{where or local_dir}: no sha256.<file> tags; only versions registered by mlc_ray can be verified"
+        )
+    for file, sha in sorted(expected.items()):
+        path = local_dir / file
+        if not path.is_file():
+            raise ArtifactIntegrityError(f"{where}: artifact {file} is missing from the downloaded model")
+        actual = _sha256_file(path)
+        if actual != sha:
+            raise ArtifactIntegrityError(
+                f"{where}: artifact {file} does not match its sha256 tag (expected {sha[:12]}..., "
+                f"got {actual[:12]}...): the stored file was changed after registration; refusing to use it"
+            )
+
+
+def _download_version(name: str, version: str, target: Path) -> None:
+    """Download the version's logged model into ``target`` (atomically: temp dir, then rename)."""
+    import mlflow
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> ResolvedModel:
+    """Pin ``uri`` to one version and return its verified local files (downloaded once per version).
+
+    ``uri``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a bundle directory (local or
+    s3://; not verified: a bundle carries no sha256 tags). Files are cached under
+    ``cache_dir/NAME/VERSION`` (default ``~/.cache/mlc_ray/models``, or ``$MLC_RAY_MODEL_CACHE``);
+    a cached copy that no longer matches the tags is downloaded again, and a download that does
+    not match raises ``ArtifactIntegrityError``.
+    """
+    from mlc_ray import storage
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not uri.startswith("models:/"):
+        if storage.is_s3(uri):
+            key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+            target = cache / "_bundles" / key
+            if not (target / "model.onnx").is_file():
+                with _local_bundle(uri) as local:
+                    tmp = target.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+                    shutil.copytree(local, tmp)
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.replace(tmp, target)
+            local_dir = target
+        else:
+            local_dir = Path(uri.removeprefix("file://")).expanduser()
+        _bundle_artifacts(local_dir)  # required files present, clear error otherwise
+        return ResolvedModel(None, None, None, str(local_dir.resolve()), uri, {})
+
+    name, version, alias = parse_model_uri(uri)
+    mv = _get_version(name, version, alias)
+    version = str(mv.version)
+    tags = {str(k): str(v) for k, v in (mv.tags or {}).items()}
+    where = f"{name} version {version}"
+    target = cache / name / version
+    bundle_dir = target / MODEL_ARTIFACT_SUBDIR
+    if bundle_dir.is_dir():
+        try:
+            verify_artifacts(bundle_dir, tags, where=where)
+            log.info("model %s -> %s (cached at %s)", uri, where, bundle_dir)
+            return ResolvedModel(name, version, alias, str(bundle_dir), uri, tags)
+        except ArtifactIntegrityError as exc:
+            log.warning("cached copy of %s is stale or damaged (%s); downloading again", where, exc)
+    _download_version(name, version, target)
+    verify_artifacts(bundle_dir, tags, where=where)
+    log.info("model %s -> %s (downloaded to %s, sha256 verified)", uri, where, bundle_dir)
+    return ResolvedModel(name, version, alias, str(bundle_dir), uri, tags)
+
+
+# --------------------------------------------------------------------------------------------- promote
+
+
+@dataclass
+class PromotionDecision:
+    """What promotion decided and why; ``report()`` is the one-screen summary the job prints."""
+
+    name: str
+    action: str  # "promote" | "rollback"
+    promoted: bool  # champion moved (or would move, under dry_run)
+    reason: str
+    candidate_version: str | None = None
+    champion_version: str | None = None  # champion before the decision
+    metric: str = "macro_f1"
+    candidate_value: float | None = None
+    champion_value: float | None = None
+    min_delta: float = 0.0
+    max_label_drop: float = 0.03
+    label_drops: dict[str, float] = field(default_factory=dict)  # label -> champion F1 - candidate F1 (> 0)
+    eval_data: str | None = None
+    n_images: int = 0
+    n_errors: int = 0
+    dry_run: bool = False
+    at: str = field(default_factory=_now_utc)
+    _event_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6], repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.promoted else 3
+
+    def report(self) -> str:
+        lines = []
+        if self.action == "rollback":
+            lines.append(f"rollback of '{self.name}'{' (dry run)' if self.dry_run else ''}")
+        else:
+            champ = f"v{self.champion_version} (champion)" if self.champion_version else "no champion yet"
+            lines.append(
+                f"promotion of '{self.name}' v{self.candidate_version} vs {champ}{' (dry run)' if self.dry_run else ''}"
+            )
+            if self.eval_data:
+                lines.append(
+                    f"eval data  {self.eval_data}: {self.n_images} images, {self.n_errors} unreadable"
+                )
+            if self.candidate_value is not None:
+                cand = f"{self.candidate_value:.4f}"
+                champ_v = "-" if self.champion_value is None else f"{self.champion_value:.4f}"
+                delta = (
+                    ""
+                    if self.champion_value is None
+                    else f"  delta {self.candidate_value - self.champion_value:+.4f} (needs >= {self.min_delta:+.4f})"
+                )
+                lines.append(f"{self.metric:<10} candidate {cand}  champion {champ_v}{delta}")
+            if self.label_drops:
+                worst = sorted(self.label_drops.items(), key=lambda kv: -kv[1])[:8]
+                drops = ", ".join(f"{label} -{d:.3f}" for label, d in worst)
+                lines.append(f"F1 drops   (limit {self.max_label_drop:.3f}): {drops}")
+        verdict = "PROMOTED" if self.promoted else "REFUSED"
+        if self.action == "rollback":
+            verdict = "ROLLED BACK" if self.promoted else "NOT ROLLED BACK"
+        if self.dry_run:
+            verdict = f"would be {verdict.lower()} (dry run: nothing changed)"
+        lines.append(f"decision   {verdict}: {self.reason}")
+        return "\n".join(lines)
+
+    def audit_tags(self, role: str) -> dict[str, str]:
+        tags = {
+            "promotion.at": self.at,
+            "promotion.action": self.action,
+            "promotion.role": role,
+            "promotion.decision": "promoted" if self.promoted else "refused",
+            "promotion.reason": self.reason,
+            "promotion.metric": self.metric,
+            "promotion.candidate_version": str(self.candidate_version or ""),
+            "promotion.champion_version": str(self.champion_version or ""),
+        }
+        if self.action == "rollback":
+            tags["promotion.decision"] = "rolled-back" if self.promoted else "refused"
+        if self.candidate_value is not None:
+            tags["promotion.candidate_value"] = f"{self.candidate_value:.6f}"
+        if self.champion_value is not None:
+            tags["promotion.champion_value"] = f"{self.champion_value:.6f}"
+        if self.eval_data:
+            tags["promotion.eval_data"] = self.eval_data
+        # One history entry per event, so earlier decisions are not overwritten by later ones.
+        history_key = f"promotion.log.{self.at.replace(':', '').replace('-', '')}.{self._event_id}"
+        tags[history_key] = json.dumps(
+            {k: tags[k] for k in tags if k not in ("promotion.at",)}, sort_keys=True, separators=(",", ":")
+        )
+        return tags
+
+
+def _write_audit(decision: PromotionDecision, roles: Mapping[str, str | None]) -> None:
+    client = _client()
+    for role, version in roles.items():
+        if version is None:
+            continue
+        for key, value in decision.audit_tags(role).items():
+            client.set_model_version_tag(decision.name, version, key, _clip(value))
+
+
+def _select_eval_rows(manifest: Any, split: str) -> Any:
+    """``split``: 'auto' = the 'val' rows if the manifest has a split column, else every row."""
+    splits = list(manifest.splits)
+    has_splits = any(s for s in splits)
+    if split == "all" or (split == "auto" and not has_splits):
+        return manifest
+    wanted = "val" if split == "auto" else split
+    rows = [i for i, s in enumerate(splits) if s == wanted]
+    if not rows:
+        present = sorted({s for s in splits if s})
+        raise UserError(
+            f"{manifest.source}: no rows with split '{wanted}' (splits present: {present or 'none'}); "
+            "pass --split all to evaluate on every row"
+        )
+    return manifest.subset(rows)
+
+
+def promote(
+    name: str,
+    eval_data: str | None = None,
+    *,
+    candidate: str = CHALLENGER,
+    metric: str = "macro_f1",
+    min_delta: float = 0.0,
+    max_label_drop: float = 0.03,
+    split: str = "auto",
+    dry_run: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+) -> PromotionDecision:
+    """Evaluate ``candidate`` (a version number or an alias) and the champion on the same data.
+
+    The champion alias moves to the candidate only if its ``metric`` is >= the champion's +
+    ``min_delta`` and no label's F1 drops by more than ``max_label_drop``; the old champion keeps
+    alias ``previous-champion`` and ``challenger`` is removed from the promoted version. Both
+    versions get ``promotion.*`` audit tags (not under ``dry_run``). A version whose artifacts
+    do not match their sha256 tags raises ``ArtifactIntegrityError`` (the refusal is tagged too).
+    ``eval_data`` defaults to the candidate's training manifest (tag ``manifest_uri``).
+    """
+    from mlc_ray.data.manifest import load_manifest
+    from mlc_ray.evaluation import _read_all, evaluate_bundle
+
+    cand_mv = _get_version(
+        name, candidate if candidate.isdigit() else None, None if candidate.isdigit() else candidate
+    )
+    cand_version = str(cand_mv.version)
+    aliases = _aliases(name)
+    champ_version = aliases.get(CHAMPION)
+    decision = PromotionDecision(
+        name=name,
+        action="promote",
+        promoted=False,
+        reason="",
+        candidate_version=cand_version,
+        champion_version=champ_version,
+        metric=metric,
+        min_delta=min_delta,
+        max_label_drop=max_label_drop,
+        dry_run=dry_run,
+    )
+    if champ_version == cand_version:
+        decision.reason = f"v{cand_version} is already the champion; nothing to do"
+        decision.promoted = True
+        return decision
+
+    eval_uri = eval_data or (cand_mv.tags or {}).get("manifest_uri")
+    if not eval_uri:
+        raise UserError(
+            f"no --eval-data given and {name} v{cand_version} has no 'manifest_uri' tag; "
+            "pass --eval-data MANIFEST (the same data for both versions)"
+        )
+    manifest = _select_eval_rows(load_manifest(eval_uri), split)
+    decision.eval_data = f"{eval_uri} [{split}]"
+
+    with tempfile.TemporaryDirectory(prefix="mlc_ray-promote-") as tmp:
+        # A fresh download (not the shared cache) so what is verified is what the registry holds now.
+        cache = Path(cache_dir) if cache_dir is not None else Path(tmp)
+        try:
+            cand = resolve_model(f"models:/{name}/{cand_version}", cache_dir=cache)
+            champ = (
+                resolve_model(f"models:/{name}/{champ_version}", cache_dir=cache) if champ_version else None
+            )
+        except ArtifactIntegrityError as exc:
+            decision.reason = f"integrity check failed: {exc}"
+            if not dry_run:
+                _write_audit(decision, {"candidate": cand_version, "champion": champ_version})
+            raise
+        images = _read_all(manifest.images)
+        cand_eval = evaluate_bundle(cand.local_dir, manifest, batch_size=batch_size, images=images)
+        decision.candidate_value = cand_eval.metric(metric)
+        decision.n_images, decision.n_errors = cand_eval.n_images, cand_eval.n_errors
+        if champ is None:
+            decision.promoted = True
+            decision.reason = f"first promotion: '{name}' had no champion, v{cand_version} becomes champion"
+        else:
+            champ_eval = evaluate_bundle(champ.local_dir, manifest, batch_size=batch_size, images=images)
+            decision.champion_value = champ_eval.metric(metric)
+            for label, f1 in champ_eval.per_label_f1.items():
+                drop = f1 - cand_eval.per_label_f1.get(label, 0.0)
+                if drop > 0:
+                    decision.label_drops[label] = drop
+            too_low = decision.candidate_value < decision.champion_value + min_delta
+            dropped = {k: v for k, v in decision.label_drops.items() if v > max_label_drop + 1e-12}
+            if too_low:
+                decision.reason = (
+                    f"{metric} {decision.candidate_value:.4f} < champion {decision.champion_value:.4f} "
+                    f"+ min delta {min_delta:.4f}"
+                )
+            elif dropped:
+                worst = max(dropped, key=dropped.__getitem__)
+                decision.reason = (
+                    f"F1 of {len(dropped)} label(s) drops by more than {max_label_drop:.3f} "
+                    f"(worst: '{worst}' -{dropped[worst]:.3f})"
+                )
+            else:
+                decision.promoted = True
+                decision.reason = (
+                    f"{metric} {decision.candidate_value:.4f} >= champion {decision.champion_value:.4f} "
+                    f"+ {min_delta:.4f} and no label drops more than {max_label_drop:.3f}"
+                )
+
+    if dry_run:
+        return decision
+    client = _client()
+    if decision.promoted:
+        if champ_version:
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champ_version)
+        client.set_registered_model_alias(name, CHAMPION, cand_version)
+        if aliases.get(CHALLENGER) == cand_version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        log.info(
+            "%s: champion %s -> v%s", name, f"v{champ_version}" if champ_version else "(none)", cand_version
+        )
+    _write_audit(decision, {"candidate": cand_version, "champion": champ_version})
+    return decision
+
+
+def rollback(
+    name: str, *, dry_run: bool = False, cache_dir: str | os.PathLike[str] | None = None
+) -> PromotionDecision:
+    """Make ``previous-champion`` the champion again (verified first); the two aliases swap."""
+    _require_model(name)
+    aliases = _aliases(name)
+    previous, current = aliases.get(PREVIOUS_CHAMPION), aliases.get(CHAMPION)
+    if previous is None:
+        listed = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "(none)"
+        raise UserError(
+            f"model '{name}' has no '{PREVIOUS_CHAMPION}' alias to roll back to; aliases: {listed}"
+        )
+    decision = PromotionDecision(
+        name=name,
+        action="rollback",
+        promoted=True,
+        reason=f"champion v{current} -> v{previous} (previous-champion); previous-champion -> v{current}",
+        candidate_version=previous,
+        champion_version=current,
+        dry_run=dry_run,
+    )
+    with tempfile.TemporaryDirectory(prefix="mlc_ray-rollback-") as tmp:
+        try:
+            resolve_model(f"models:/{name}/{previous}", cache_dir=cache_dir or tmp)
+        except ArtifactIntegrityError as exc:
+            decision.promoted = False
+            decision.reason = f"integrity check failed: {exc}"
+            if not dry_run:
+                _write_audit(decision, {"candidate": previous, "champion": current})
+            raise
+    if dry_run:
+        return decision
+    client = _client()
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    _write_audit(decision, {"candidate": previous, "champion": current})
+    log.info("%s: rolled back champion v%s -> v%s", name, current, previous)
+    return decision

@@ -1,0 +1,168 @@
+"""jobs/promote.py end to end against a real MLflow server: the gate, the audit trail, rollback, integrity.
+
+The sequence is one story on one registered model (tests run in file order and share state):
+a mediocre first model becomes champion, a worse challenger is refused, a better one is promoted,
+rollback restores the previous champion, and a version whose stored artifact was altered after
+registration is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.integration import test_registry as _registry
+from tests.integration.test_registry import BAD, GOOD, MEDIOCRE, MlflowServer, build_color_bundle
+
+# The session's MLflow server and the colour data set, shared with test_registry.py.
+mlflow_server = _registry.mlflow_server
+color_data = _registry.color_data
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+NAME = "promo-test"
+
+
+def _promote_job():
+    spec = importlib.util.spec_from_file_location("promote_job", REPO_ROOT / "jobs" / "promote.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _aliases() -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_registered_model(NAME).aliases)
+
+
+def _tags(version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version(NAME, version).tags
+
+
+@pytest.fixture(scope="module")
+def versions(
+    mlflow_server: MlflowServer, color_data: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """Register mediocre (v1), bad (v2), good (v3) and a good copy to tamper with (v4), in that order."""
+    from mlc_ray.registry import register_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for key, weights in (("mediocre", MEDIOCRE), ("bad", BAD), ("good", GOOD), ("tampered", GOOD)):
+        bundle = build_color_bundle(root / key, weights, tag=key)
+        # manifest_uri is what training records: promotion's default evaluation data.
+        mv = register_bundle(bundle, NAME, command_line=f"test {key}", tags={"manifest_uri": color_data})
+        out[key] = str(mv.version)
+    return out
+
+
+def run_promote(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = _promote_job().main(["--name", NAME, *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_first_promotion_is_allowed_and_says_so(versions: dict, color_data: str, capsys) -> None:
+    code, out = run_promote(["--candidate", versions["mediocre"], "--eval-data", color_data], capsys)
+    assert code == 0, out
+    assert "first promotion" in out and "PROMOTED" in out
+    assert _aliases()["champion"] == versions["mediocre"]
+    tags = _tags(versions["mediocre"])
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.role"] == "candidate"
+
+
+def test_dry_run_changes_nothing(versions: dict, color_data: str, capsys) -> None:
+    before_aliases, before_tags = _aliases(), _tags(versions["good"])
+    code, out = run_promote(["--candidate", versions["good"], "--eval-data", color_data, "--dry-run"], capsys)
+    assert code == 0 and "dry run" in out, out
+    assert _aliases() == before_aliases and _tags(versions["good"]) == before_tags
+
+
+def test_worse_challenger_is_refused_with_audit_tags(versions: dict, color_data: str, capsys) -> None:
+    code, out = run_promote(["--candidate", versions["bad"], "--eval-data", color_data], capsys)
+    assert code == 3, out
+    assert "REFUSED" in out and "macro_f1" in out
+    assert _aliases()["champion"] == versions["mediocre"]
+    cand, champ = _tags(versions["bad"]), _tags(versions["mediocre"])
+    for tags, role in ((cand, "candidate"), (champ, "champion")):
+        assert tags["promotion.decision"] == "refused"
+        assert tags["promotion.role"] == role
+        assert tags["promotion.candidate_version"] == versions["bad"]
+        assert tags["promotion.champion_version"] == versions["mediocre"]
+        assert float(tags["promotion.candidate_value"]) < float(tags["promotion.champion_value"])
+        assert tags["promotion.at"].endswith("Z")
+        assert any(k.startswith("promotion.log.") for k in tags)
+
+
+def test_better_challenger_is_promoted_and_previous_kept(versions: dict, color_data: str, capsys) -> None:
+    # The newest registration (the tamper copy) holds @challenger; point it at the good version.
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(NAME, "challenger", versions["good"])
+    # --candidate defaults to challenger; --eval-data to the val rows of its training manifest.
+    code, out = run_promote([], capsys)
+    assert code == 0, out
+    aliases = _aliases()
+    assert aliases["champion"] == versions["good"]
+    assert aliases["previous-champion"] == versions["mediocre"]
+    assert "challenger" not in aliases  # the promoted version is no longer waiting for evaluation
+    tags = _tags(versions["good"])
+    assert tags["promotion.decision"] == "promoted"
+    assert tags["promotion.eval_data"] == f"{color_data} [auto]" and "24 images" in out
+    assert float(tags["promotion.candidate_value"]) > float(tags["promotion.champion_value"])
+
+
+def test_label_drop_gate(versions: dict, color_data: str, capsys) -> None:
+    # Against the good champion, the mediocre model loses a whole label: refused on the metric and
+    # on the per-label limit; with --min-delta -1 only the per-label limit can refuse it.
+    code, out = run_promote(
+        ["--candidate", versions["mediocre"], "--eval-data", color_data, "--min-delta", "-1"], capsys
+    )
+    assert code == 3, out
+    assert "blue" in out and "drops by more than 0.030" in out
+    assert _aliases()["champion"] == versions["good"]
+
+
+def test_rollback_restores_previous_champion(versions: dict, capsys) -> None:
+    code, out = run_promote(["--rollback"], capsys)
+    assert code == 0, out
+    aliases = _aliases()
+    assert aliases["champion"] == versions["mediocre"]
+    assert aliases["previous-champion"] == versions["good"]
+    assert _tags(versions["mediocre"])["promotion.decision"] == "rolled-back"
+    # Rolling back again swaps back.
+    code, _ = run_promote(["--rollback"], capsys)
+    assert code == 0 and _aliases()["champion"] == versions["good"]
+
+
+def test_tampered_artifact_is_refused(
+    versions: dict, color_data: str, mlflow_server: MlflowServer, capsys
+) -> None:
+    from mlflow import MlflowClient
+
+    model_id = MlflowClient().get_model_version(NAME, versions["tampered"]).source.split("/")[-1]
+    stored = list(Path(mlflow_server.artifact_root).rglob(f"{model_id}/**/artifacts/model.onnx"))
+    assert len(stored) == 1, stored
+    data = bytearray(stored[0].read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a weight: still loads, silently different
+    stored[0].write_bytes(bytes(data))
+
+    before = _aliases()
+    code, out = run_promote(["--candidate", versions["tampered"], "--eval-data", color_data], capsys)
+    assert code == 4, out
+    assert "model.onnx does not match its sha256 tag" in out
+    assert _aliases() == before
+    tags = _tags(versions["tampered"])
+    assert tags["promotion.decision"] == "refused" and "integrity" in tags["promotion.reason"]
+
+
+def test_unknown_model_is_a_user_error(mlflow_server: MlflowServer, capsys) -> None:
+    code = _promote_job().main(["--name", "no-such-model", "--eval-data", "x.csv"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no registered model 'no-such-model'" in err

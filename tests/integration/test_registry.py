@@ -1,0 +1,398 @@
+"""The MLflow registry against a real ``mlflow server`` process: register, resolve, pyfunc.
+
+One server per test session (sqlite backend, local proxied artifact root, 127.0.0.1, a free
+port), shared with ``test_promote.py``. The bundles are real ONNX graphs with a known quality on a
+colour data set: label c ("red"/"green"/"blue") is present when channel c is bright, and a model
+scores label c from a weighted mix of the channel means. The weights decide how good it is, so
+promotion tests can build a better or a worse model without training one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port, wait_for_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+LABELS = ["red", "green", "blue"]
+IMAGE_SIZE = 32
+GOOD = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # label c reads channel c: right on every label
+MEDIOCRE = [[1, 0, 0], [0, 1, 0], [1, 0, 0]]  # "blue" reads the red channel: chance on "blue"
+BAD = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]  # inverted: wrong on every label
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+class MlflowServer:
+    """``mlflow server`` in its own process: sqlite metadata, proxied local artifact root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifact_root = root / "artifacts"
+        self._log = open(root / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(self.artifact_root),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
+        wait_for_port(self.port, timeout=120, proc=self.proc)
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real tracking server for the session; MLFLOW_TRACKING_URI points every client (and child) at it."""
+    import mlflow
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = server.uri
+    mlflow.set_tracking_uri(server.uri)
+    yield server
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    mlflow.set_tracking_uri(saved or "")
+    server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def make_color_data(root: Path, n: int = 48, seed: int = 0) -> str:
+    """JPEGs whose labels are their bright channels, a manifest with a val split, labels.txt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        on = rng.random(3) < 0.5
+        pixels = np.where(on, 200, 50)[None, None, :] + rng.integers(-20, 21, size=(40, 40, 3))
+        name = f"images/{i:03d}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / name, quality=95)
+        labels = "|".join(label for label, flag in zip(LABELS, on, strict=True) if flag)
+        rows.append({"image": name, "labels": labels, "split": "val" if i % 2 else "train"})
+    with open(root / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "labels", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return str(root / "manifest.csv")
+
+
+def _color_onnx(path: Path, weights: list[list[float]]) -> None:
+    """uint8 NHWC images -> sigmoid(8 * W @ (channel means - 127.5) / 127.5) as 'probabilities'."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (8.0 * np.asarray(weights, dtype=np.float32).T) / 127.5  # (3 channels, 3 labels)
+    nodes = [
+        helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=0),
+        helper.make_node("Sub", ["mean", "centre"], ["centred"]),
+        helper.make_node("MatMul", ["centred", "w"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "color_tagger",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", IMAGE_SIZE, IMAGE_SIZE, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(LABELS)])],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+            numpy_helper.from_array(np.array([127.5], dtype=np.float32), "centre"),
+            numpy_helper.from_array(w, "w"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def build_color_bundle(bundle: Path, weights: list[list[float]], tag: str = "") -> Path:
+    """A model bundle (the files export/calibrate write) around a colour ONNX graph."""
+    from mlc_ray.calibrate import Thresholds
+    from mlc_ray.data.images import PreprocessConfig
+
+    bundle.mkdir(parents=True, exist_ok=True)
+    _color_onnx(bundle / "model.onnx", weights)
+    (bundle / "labels.json").write_text(json.dumps(LABELS))
+    preprocess = PreprocessConfig(image_size=IMAGE_SIZE)
+    (bundle / "preprocess.json").write_text(json.dumps(preprocess.to_dict()))
+    Thresholds(
+        labels=list(LABELS), values=[0.5] * len(LABELS), method="fixed", support=[0] * 3, fallback_labels=[]
+    ).save(str(bundle / "thresholds.json"))
+    (bundle / "metrics.json").write_text(json.dumps({"macro_f1": 0.5, "note": tag}))
+    (bundle / "model.json").write_text(json.dumps({"arch": "color-test", "num_labels": 3}))
+    return bundle
+
+
+def onnx_reference(bundle: Path, data: list[bytes]) -> np.ndarray:
+    """The plain ONNX path: decode, preprocess, onnxruntime; independent of the pyfunc wrapper."""
+    import onnxruntime as ort
+    from mlc_ray.data.images import PreprocessConfig, decode_image, preprocess_eval
+
+    cfg = PreprocessConfig.from_dict(json.loads((bundle / "preprocess.json").read_text()))
+    batch = np.stack([preprocess_eval(decode_image(d).array, cfg) for d in data])
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"images": batch})[0]
+
+
+@pytest.fixture(scope="module")
+def color_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_color_data(tmp_path_factory.mktemp("color"))
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from mlc_ray.registry import register_bundle
+
+    bundle = build_color_bundle(tmp_path_factory.mktemp("bundle") / "good", GOOD)
+    mv = register_bundle(
+        bundle,
+        "reg-test",
+        tags={"manifest_sha256": "abc123"},
+        command_line="python jobs/train.py --register-as reg-test",
+    )
+    return {"bundle": bundle, "version": mv}
+
+
+def test_register_records_artifacts_tags_and_challenger(registered: dict) -> None:
+    from mlflow import MlflowClient
+
+    bundle, mv = registered["bundle"], registered["version"]
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("reg-test", "challenger").version == mv.version
+    for name in (
+        "model.onnx",
+        "labels.json",
+        "preprocess.json",
+        "thresholds.json",
+        "metrics.json",
+        "model.json",
+    ):
+        assert mv.tags[f"sha256.{name}"] == hashlib.sha256((bundle / name).read_bytes()).hexdigest()
+    assert mv.tags["manifest_sha256"] == "abc123"
+    assert mv.tags["command_line"] == "python jobs/train.py --register-as reg-test"
+    assert mv.tags["metric.macro_f1"] == "0.5"
+    assert mv.tags["arch"] == "color-test"
+    assert len(mv.tags["git_commit"].split("-")[0]) == 40
+    run_id = mv.tags["training_run_id"]
+    assert run_id == mv.run_id
+    logged = {f.path for f in client.list_artifacts(run_id, "bundle")}
+    assert {"bundle/thresholds.json", "bundle/labels.json", "bundle/preprocess.json"} <= logged
+    # The pyfunc model records a signature and an input example.
+    from mlflow.models import get_model_info
+
+    info = get_model_info(f"models:/reg-test/{mv.version}")
+    assert info.signature.inputs.input_names() == ["image"]
+    assert "scores" in info.signature.outputs.input_names()
+    assert info.saved_input_example_info is not None
+
+
+def test_resolve_pins_alias_downloads_once_and_verifies(registered: dict, tmp_path: Path) -> None:
+    from mlc_ray.registry import resolve_model
+
+    mv = registered["version"]
+    resolved = resolve_model("models:/reg-test@challenger", cache_dir=tmp_path)
+    assert (resolved.name, resolved.version, resolved.alias) == ("reg-test", str(mv.version), "challenger")
+    assert resolved.pinned_uri == f"models:/reg-test/{mv.version}"
+    local = Path(resolved.local_dir)
+    assert local == tmp_path / "reg-test" / str(mv.version) / "artifacts"
+    assert (local / "model.onnx").read_bytes() == (registered["bundle"] / "model.onnx").read_bytes()
+    # A second resolve reuses the verified cache (a marker file in it survives) ...
+    (local.parent / "marker").write_text("cached")
+    again = resolve_model(f"models:/reg-test/{mv.version}", cache_dir=tmp_path)
+    assert again.local_dir == resolved.local_dir and (local.parent / "marker").exists()
+    # ... and a damaged cached copy is replaced by a fresh, verified download.
+    (local / "thresholds.json").write_text("{}")
+    healed = resolve_model("models:/reg-test@challenger", cache_dir=tmp_path)
+    assert (Path(healed.local_dir) / "thresholds.json").read_bytes() == (
+        registered["bundle"] / "thresholds.json"
+    ).read_bytes()
+
+
+def test_resolve_errors_name_what_exists(registered: dict, tmp_path: Path) -> None:
+    from mlc_ray.cli import UserError
+    from mlc_ray.registry import ModelNotFoundError, resolve_model
+
+    with pytest.raises(ModelNotFoundError, match=r"no alias '@champ'.*@challenger -> v1"):
+        resolve_model("models:/reg-test@champ", cache_dir=tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"no registered model 'nope'.*reg-test"):
+        resolve_model("models:/nope@champion", cache_dir=tmp_path)
+    with pytest.raises(ModelNotFoundError, match="no version 99"):
+        resolve_model("models:/reg-test/99", cache_dir=tmp_path)
+    with pytest.raises(UserError, match="bad model URI"):
+        resolve_model("models:/reg-test", cache_dir=tmp_path)
+    assert issubclass(ModelNotFoundError, UserError)
+
+
+def test_resolve_bundle_directory(registered: dict, tmp_path: Path) -> None:
+    from mlc_ray.cli import UserError
+    from mlc_ray.registry import resolve_model
+
+    resolved = resolve_model(str(registered["bundle"]), cache_dir=tmp_path)
+    assert resolved.name is None and Path(resolved.local_dir) == registered["bundle"].resolve()
+    with pytest.raises(UserError, match="lacks thresholds.json"):
+        (tmp_path / "partial").mkdir()
+        (tmp_path / "partial" / "model.onnx").write_bytes(b"x")
+        (tmp_path / "partial" / "labels.json").write_text("[]")
+        (tmp_path / "partial" / "preprocess.json").write_text("{}")
+        resolve_model(str(tmp_path / "partial"))
+
+
+FRESH_PROCESS = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/reg-test@champion")
+uris = json.loads(sys.argv[1])
+images = uris + [open(uris[0], "rb").read(), sys.argv[2]]
+out = model.predict(pd.DataFrame({"image": images}))
+print("RESULT" + out.to_json(orient="records"))
+"""
+
+
+def test_pyfunc_champion_in_fresh_process_matches_onnx(registered: dict, color_data: str) -> None:
+    from mlc_ray.registry import promote
+    from mlflow import MlflowClient
+
+    decision = promote("reg-test", color_data, candidate="challenger")
+    assert decision.promoted and "first promotion" in decision.reason
+    assert (
+        MlflowClient().get_model_version_by_alias("reg-test", "champion").version
+        == registered["version"].version
+    )
+
+    root = Path(color_data).parent
+    uris = [str(root / f"images/{i:03d}.jpg") for i in range(6)]
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, json.dumps(uris), str(root / "corrupt.jpg")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(rows) == len(uris) + 2
+
+    data = [Path(u).read_bytes() for u in uris]
+    expected = onnx_reference(registered["bundle"], data)
+    for i, row in enumerate(rows[: len(uris) + 1]):
+        ref = expected[i % len(uris)]
+        assert row["error"] is None
+        assert [s["label"] for s in row["scores"]] == LABELS
+        np.testing.assert_allclose([s["score"] for s in row["scores"]], ref, rtol=0, atol=1e-6)
+        assert row["labels"] == [label for label, p in zip(LABELS, ref, strict=True) if p > 0.5]
+    assert rows[0]["image"] == uris[0] and rows[len(uris)]["image"] is None  # bytes input has no URI
+    bad = rows[-1]
+    assert bad["error"] and bad["labels"] == [] and bad["image"].endswith("corrupt.jpg")
+
+
+def test_register_and_resolve_an_s3_bundle(
+    mlflow_server: MlflowServer, s3_bucket: str, registered: dict, tmp_path: Path
+) -> None:
+    from mlc_ray import storage
+    from mlc_ray.registry import register_bundle, resolve_model
+
+    prefix = f"s3://{s3_bucket}/models/run-1/bundle"
+    for path in registered["bundle"].iterdir():
+        storage.upload_file(str(path), f"{prefix}/{path.name}")
+    mv = register_bundle(prefix, "reg-s3", alias="challenger")
+    assert mv.tags["bundle_uri"] == prefix
+    assert mv.tags["sha256.model.onnx"] == registered["version"].tags["sha256.model.onnx"]
+    direct = resolve_model(prefix, cache_dir=tmp_path)
+    assert direct.name is None
+    assert (Path(direct.local_dir) / "model.onnx").read_bytes() == (
+        registered["bundle"] / "model.onnx"
+    ).read_bytes()
+
+
+def test_parse_uri_verify_and_report_without_a_server(tmp_path: Path) -> None:
+    from mlc_ray.registry import ArtifactIntegrityError, PromotionDecision, parse_model_uri, verify_artifacts
+
+    assert parse_model_uri("models:/tagger@champion") == ("tagger", None, "champion")
+    assert parse_model_uri("models:/tagger/12") == ("tagger", "12", None)
+    (tmp_path / "model.onnx").write_bytes(b"weights")
+    good = {"sha256.model.onnx": hashlib.sha256(b"weights").hexdigest()}
+    verify_artifacts(tmp_path, good, where="t v1")
+    with pytest.raises(ArtifactIntegrityError, match="t v1: artifact model.onnx does not match"):
+        verify_artifacts(tmp_path, {"sha256.model.onnx": "0" * 64}, where="t v1")
+    with pytest.raises(ArtifactIntegrityError, match="labels.json is missing"):
+        verify_artifacts(tmp_path, {**good, "sha256.labels.json": "0" * 64}, where="t v1")
+    with pytest.raises(ArtifactIntegrityError, match="no sha256"):
+        verify_artifacts(tmp_path, {}, where="t v1")
+
+    decision = PromotionDecision(
+        name="t", action="promote", promoted=False, reason="macro_f1 0.5000 < champion 0.6000 + min delta 0.0000",
+        candidate_version="3", champion_version="2", candidate_value=0.5, champion_value=0.6,
+        label_drops={"cat": 0.2}, eval_data="m.csv [auto]", n_images=10,
+    )  # fmt: skip
+    report = decision.report()
+    assert decision.exit_code == 3 and len(report.splitlines()) <= 24
+    assert "v3 vs v2 (champion)" in report and "delta -0.1000" in report and "cat -0.200" in report
+    tags = decision.audit_tags("candidate")
+    assert tags["promotion.decision"] == "refused" and tags["promotion.champion_value"] == "0.600000"
+    assert sum(k.startswith("promotion.log.") for k in tags) == 1
