@@ -140,7 +140,9 @@ def _unflatten(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> T:
     """Defaults < YAML file < overrides (CLI flags the user actually gave; ``None`` means not given)."""
     data: dict[str, Any] = {}
     if path is not None:
