@@ -1,0 +1,548 @@
+"""One training stage on Ray Train, end to end: data -> fit -> calibrate -> model bundle -> MLflow.
+
+``run_training(cfg)`` is what ``jobs/train.py`` (and each stage of hard-sample mining) calls:
+
+  [1] read the manifests (``data`` or the built-in demo set), split train/val, build the Ray Data
+      datasets (decoding and augmentation happen in Ray Data tasks, not on the driver)
+  [2] ``TorchTrainer(train_loop_per_worker)`` with ``RunConfig(name=run_name, storage_path=...)``:
+      checkpoints every epoch, keeps the best K by val mAP, recovers from ``max_failures`` worker
+      failures; starting the same run name again resumes from its latest checkpoint
+  [3] from the best checkpoint: weights + the validation scores gathered across workers (or, with
+      ``tta=10crop``, a fresh 10-crop scoring pass); per-label thresholds (``calibrate_thresholds``);
+      metrics at 0.5 and at the calibrated thresholds
+  [4] the model bundle (model.pt, model.json, labels.json, preprocess.json, thresholds.json,
+      metrics.json; see docs/internals.md) written under a temporary name, then committed
+  [5] MLflow: final metrics, resolved config, label-distribution chart, PR curves, per-label table
+
+``run_train_job(cfg)`` adds what the job does around it: hard-sample mining when ``cfg.mining.enabled``
+and export + registration when ``cfg.register_as`` is set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlc_ray.train.config import TrainConfig
+
+__all__ = ["TrainResult", "run_training", "run_train_job", "HEARTBEAT_ENV"]
+
+log = logging.getLogger(__name__)
+
+# Directory where each worker writes rank-N.json (pid, epoch, phase) while it trains; for operators
+# watching a run and for the fault-injection tests that kill a worker mid-run.
+HEARTBEAT_ENV = "MLC_RAY_TRAIN_HEARTBEAT_DIR"
+
+BUNDLE_FILES = ("model.pt", "model.json", "labels.json", "preprocess.json", "thresholds.json", "metrics.json")
+
+
+@dataclass
+class TrainResult:
+    """What one training stage produced."""
+
+    bundle_dir: str  # the committed model bundle
+    labels: list[str]
+    metrics: dict[str, Any]  # compute_metrics at the calibrated thresholds
+    metrics_at_05: dict[str, Any]  # compute_metrics at 0.5
+    thresholds: Any  # mlc_ray.calibrate.Thresholds
+    val_scores: np.ndarray  # (N, L) float32, rows = val_indices
+    val_targets: np.ndarray  # (N, L) uint8
+    val_indices: np.ndarray  # (N,) rows of the validation manifest, ascending, each once
+    mlflow_run_id: str | None
+    checkpoint_path: str | None  # the checkpoint the bundle came from
+    wall_time_s: float
+    images_per_s: float  # training images per second over the epochs this call trained (0 if none)
+    epochs_trained: int  # epochs trained by this call (0 when the run was already finished)
+    starts: list[int] = field(default_factory=list)  # epoch at which each (re)start of the run began
+    val_manifest: Any = None  # the validation Manifest (rows that val_indices point into)
+    train_manifest: Any = None  # the training Manifest (int8 calibration images for export)
+    run_name: str = ""
+
+    def summary(self) -> str:
+        """The table the job prints: per-label AP/F1, averages at 0.5 and calibrated, speed, run id."""
+        from mlc_ray.train.metrics import format_metrics_table
+
+        m05, mcal = self.metrics_at_05, self.metrics
+        lines = [
+            f"validation: {len(self.val_indices)} images, {len(self.labels)} labels; "
+            f"thresholds: {self.thresholds.method}",
+            "",
+            "at the calibrated thresholds:",
+            format_metrics_table(mcal, self.labels),
+            "",
+            f"{'':<22}{'@0.5':>10}{'calibrated':>12}",
+        ]
+        for key in ("mAP", "micro_f1", "macro_f1", "samples_f1"):
+            lines.append(f"{key:<22}{m05[key]:>10.4f}{mcal[key]:>12.4f}")
+        lines += [
+            "",
+            f"wall time {self.wall_time_s:.1f} s, {self.epochs_trained} epochs trained "
+            f"(starts at epochs {self.starts}), {self.images_per_s:.1f} training images/s",
+            f"model bundle: {self.bundle_dir}",
+            f"MLflow run id: {self.mlflow_run_id}",
+        ]
+        return "\n".join(lines)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _cpus_per_worker(cfg: TrainConfig) -> float:
+    """CPU workers leave at least one CPU to Ray Data's decode tasks (else ingest starves)."""
+    if cfg.cpus_per_worker is not None:
+        return float(cfg.cpus_per_worker)
+    if cfg.use_gpu:
+        return 1.0
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(0.25, min(1.0, (total - 1.0) / cfg.num_workers))
+
+
+def _storage_args(storage_path: str) -> dict[str, Any]:
+    from mlc_ray import storage
+
+    if storage.is_s3(storage_path):
+        fs, path = storage.arrow_filesystem(storage_path)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": os.path.abspath(storage_path)}
+
+
+def _checkpoint_label(checkpoint: Any) -> str:
+    fs = getattr(checkpoint, "filesystem", None)
+    path = str(checkpoint.path)
+    if fs is not None and getattr(fs, "type_name", "") == "s3":
+        return f"s3://{path}"
+    return path
+
+
+def _pick_checkpoint(result: Any) -> Any:
+    """The best reported checkpoint by val mAP (ties: the later), else the latest."""
+    best = None
+    for checkpoint, metrics in result.best_checkpoints or []:
+        score = (float(metrics.get("val_mAP", -math.inf)), int(metrics.get("epoch", -1)))
+        if best is None or score > best[0]:
+            best = (score, checkpoint)
+    return best[1] if best is not None else result.checkpoint
+
+
+def _load_checkpoint(checkpoint: Any) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    import torch
+
+    from mlc_ray.train.loop import META_FILE, STATE_FILE, VAL_SCORES_FILE
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        with np.load(Path(d) / VAL_SCORES_FILE) as npz:
+            val = {k: npz[k] for k in npz.files}
+        meta = json.loads((Path(d) / META_FILE).read_text())
+    return state, val, meta
+
+
+def _model_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The ImageTagger state dict to ship: the EMA weights when the run kept an EMA."""
+    ema = state.get("ema")
+    if ema:
+        prefix = "module."
+        return {k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)}
+    return state["model"]
+
+
+def _commit_bundle(local_dir: Path, target: str) -> None:
+    """Local: build beside the target, then swap by rename. S3: upload each file (atomic per object),
+    metrics.json last, so a reader that sees metrics.json sees a complete bundle."""
+    from mlc_ray import storage
+
+    if storage.is_s3(target):
+        names = sorted(p.name for p in local_dir.iterdir())
+        names.sort(key=lambda n: n == "metrics.json")
+        for name in names:
+            storage.upload_file(local_dir / name, storage.join(target, name))
+        return
+    target_path = Path(target).resolve()
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = target_path.with_name(f"{target_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(local_dir, staging)
+    old = None
+    if target_path.exists():
+        old = target_path.with_name(f"{target_path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target_path, old)
+    os.replace(staging, target_path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _loop_config(cfg: TrainConfig, data: Any, preprocess: Any, spec: dict, **extra: Any) -> dict[str, Any]:
+    from mlc_ray.config import config_to_dict
+
+    world = cfg.num_workers
+    per_rank_rows = len(data.train) // world
+    return {
+        "cfg": config_to_dict(cfg),
+        "labels": list(data.vocabulary),
+        "preprocess": preprocess.to_dict(),
+        "model_spec": spec,
+        "num_train": len(data.train),
+        "num_val": len(data.val),
+        "steps_per_epoch": max(1, math.ceil(per_rank_rows / cfg.per_worker_batch_size)),
+        "heartbeat_dir": os.environ.get(HEARTBEAT_ENV),
+        **extra,
+    }
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train one model on Ray Train, calibrate it and write its bundle; see the module docstring."""
+    import mlflow
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mlc_ray.calibrate import calibrate_thresholds
+    from mlc_ray.cli import JobError, init_ray
+    from mlc_ray.config import config_to_yaml
+    from mlc_ray.data.demo import ensure_demo_data
+    from mlc_ray.data.images import PreprocessConfig
+    from mlc_ray.data.manifest import label_statistics
+    from mlc_ray.models import build_tagger, model_spec
+    from mlc_ray.train import tracking
+    from mlc_ray.train.data import BadImageLog, ValShardingConfig, build_dataset, load_train_val
+    from mlc_ray.train.loop import train_loop_per_worker
+    from mlc_ray.train.losses import pos_weight_from_frequency
+    from mlc_ray.train.metrics import compute_metrics, jsonable_metrics, scalar_metrics
+
+    t_start = time.perf_counter()
+    if cfg.data is None:
+        cfg = cfg.replace(data=ensure_demo_data())
+        log.info("no --data given: training on the built-in demo set %s", cfg.data)
+
+    # [1] data
+    data = load_train_val(
+        str(cfg.data), val_data=cfg.val_data, labels=cfg.labels, val_fraction=cfg.val_fraction, seed=cfg.seed
+    )
+    labels = list(data.vocabulary)
+    log.info(
+        "training data %s: %d train / %d val images\n%s",
+        data.source,
+        len(data.train),
+        len(data.val),
+        label_statistics(data.train).format(),
+    )
+    preprocess = PreprocessConfig(image_size=cfg.image_size, normalization=cfg.normalization)
+    spec = model_spec(cfg.model, len(labels), width=cfg.width, dropout=cfg.dropout)
+    build_tagger(spec, preprocess)  # unknown arch / bad width fail here, before any worker starts
+    train_targets, val_targets_all = data.train_targets, data.val_targets
+
+    init_ray()
+    bad_log = BadImageLog()
+    datasets = {
+        "train": build_dataset(
+            data.train,
+            labels,
+            split="train",
+            preprocess=preprocess,
+            bad_image_log=bad_log,
+            augment=cfg.augment,
+        ),
+        "val": build_dataset(data.val, labels, split="val", preprocess=preprocess, bad_image_log=bad_log),
+    }
+    cpus = _cpus_per_worker(cfg)
+    pos_weight = pos_weight_from_frequency(train_targets).tolist() if cfg.pos_weight else None
+    tracking_uri = tracking.resolve_tracking_uri()
+    tags = {
+        "mlc_ray.run_name": str(cfg.run_name),
+        "mlc_ray.storage_path": cfg.run_dir,
+        "manifest_sha256": data.train.sha256,
+        "manifest_uri": data.source,
+        "command_line": tracking.command_line(),
+    }
+    commit = tracking.git_commit()
+    if commit:
+        tags["git_commit"] = commit
+
+    with tracking.training_run(
+        cfg.experiment, str(cfg.run_name), tracking_uri=tracking_uri, tags=tags
+    ) as run:
+        run_id = run.info.run_id
+        try:
+            mlflow.log_params(tracking.flatten_params({**_config_params(cfg), "num_labels": len(labels)}))
+        except mlflow.exceptions.MlflowException as exc:  # same key, other value: a resumed run
+            log.warning("MLflow params not logged: %s", exc)
+        mlflow.log_text(config_to_yaml(cfg), "config.yaml")
+        _log_bytes(
+            tracking.label_distribution_png(train_targets, val_targets_all, labels), "label_distribution.png"
+        )
+
+        # [2] fit
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=_loop_config(
+                cfg,
+                data,
+                preprocess,
+                spec,
+                pos_weight=pos_weight,
+                bad_image_log=bad_log,
+                mlflow_tracking_uri=tracking_uri,
+                mlflow_run_id=run_id,
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}
+            ),
+            run_config=RunConfig(
+                name=str(cfg.run_name),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=cfg.keep_checkpoints,
+                    checkpoint_score_attribute="val_mAP",
+                    checkpoint_score_order="max",
+                ),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                **_storage_args(cfg.storage_path),
+            ),
+            datasets=datasets,
+            dataset_config=ValShardingConfig.create(),
+        )
+        log.info(
+            "Ray Train: %d worker(s) x %.2g CPU%s, run '%s' in %s",
+            cfg.num_workers,
+            cpus,
+            " + 1 GPU" if cfg.use_gpu else "",
+            cfg.run_name,
+            cfg.storage_path,
+        )
+        result = trainer.fit()
+        bad_entries = ray.get(bad_log.entries.remote())
+        if bad_entries:
+            _log_bytes(_bad_images_csv(bad_entries).encode(), "bad_images.csv")
+        returned = result.return_value if isinstance(result.return_value, dict) else {}
+        if returned.get("aborted"):
+            raise JobError(str(returned["aborted"]), exit_code=1)
+        checkpoint = _pick_checkpoint(result)
+        if checkpoint is None:
+            raise JobError(
+                f"run '{cfg.run_name}' in {cfg.storage_path} has no checkpoint to build a model from",
+                exit_code=1,
+            )
+
+        # [3] weights + validation scores of the chosen epoch
+        state, val, meta = _load_checkpoint(checkpoint)
+        starts = [int(x) for x in returned.get("starts", meta.get("starts", []))]
+        epochs_trained = int(returned.get("epochs_trained", 0))
+        tagger = build_tagger(spec, preprocess)
+        tagger.load_state_dict(_model_weights(state))
+        tagger.eval()
+        val_index = np.asarray(val["index"], dtype=np.int64)
+        val_scores = np.asarray(val["scores"], dtype=np.float32)
+        val_targets = np.asarray(val["targets"], dtype=np.uint8)
+
+        with tempfile.TemporaryDirectory(prefix="mlc_ray-bundle-") as tmp:
+            bundle = Path(tmp)
+            buf = io.BytesIO()
+            torch.save(tagger.state_dict(), buf)
+            (bundle / "model.pt").write_bytes(buf.getvalue())
+            (bundle / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+            (bundle / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+            (bundle / "preprocess.json").write_text(preprocess.to_json())
+            if cfg.tta == "10crop":
+                val_index, val_scores, val_targets = _score_10crop(str(bundle), data.val, labels)
+            thresholds = calibrate_thresholds(val_scores, val_targets, labels, method=cfg.calibration)
+            m05 = compute_metrics(val_scores, val_targets, 0.5, labels=labels)
+            mcal = compute_metrics(val_scores, val_targets, thresholds.as_array(), labels=labels)
+            (bundle / "thresholds.json").write_text(thresholds.to_json())
+            metrics_doc = {
+                "calibrated": jsonable_metrics(mcal, labels),
+                "at_0.5": jsonable_metrics(m05, labels),
+                "calibration": thresholds.method,
+                "tta": cfg.tta,
+                "epoch": int(meta.get("epoch", -1)),
+                "run_name": cfg.run_name,
+                "mlflow_run_id": run_id,
+                "manifest_sha256": data.train.sha256,
+            }
+            (bundle / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, sort_keys=True) + "\n")
+            _commit_bundle(bundle, cfg.bundle_dir)
+
+        # [5] final MLflow records
+        wall = time.perf_counter() - t_start
+        images_per_s = _images_per_s(result) if epochs_trained else 0.0
+        mlflow.log_metrics({**scalar_metrics(m05, "final_05_"), **scalar_metrics(mcal, "final_cal_")})
+        mlflow.log_metrics({"wall_time_s": wall, "train_images_per_s": images_per_s})
+        _log_bytes(tracking.pr_curves_png(val_scores, val_targets, labels), "pr_curves.png")
+        csv, md = tracking.per_label_table(m05, mcal, thresholds.values, labels)
+        mlflow.log_text(csv, "per_label_metrics.csv")
+        mlflow.log_text(md, "per_label_metrics.md")
+        mlflow.log_text(thresholds.to_json(), "thresholds.json")
+        mlflow.set_tags({"mlc_ray.starts": json.dumps(starts), "mlc_ray.bundle_dir": cfg.bundle_dir})
+
+    return TrainResult(
+        bundle_dir=cfg.bundle_dir,
+        labels=labels,
+        metrics=mcal,
+        metrics_at_05=m05,
+        thresholds=thresholds,
+        val_scores=val_scores,
+        val_targets=val_targets,
+        val_indices=val_index,
+        mlflow_run_id=run_id,
+        checkpoint_path=_checkpoint_label(checkpoint),
+        wall_time_s=wall,
+        images_per_s=images_per_s,
+        epochs_trained=epochs_trained,
+        starts=starts,
+        val_manifest=data.val,
+        train_manifest=data.train,
+        run_name=str(cfg.run_name),
+    )
+
+
+def _images_per_s(result: Any) -> float:
+    df = result.metrics_dataframe
+    if df is None or "train_images_per_s" not in df:
+        return 0.0
+    return float(df["train_images_per_s"].mean())
+
+
+def _config_params(cfg: TrainConfig) -> dict[str, Any]:
+    from mlc_ray.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def _log_bytes(data: bytes, name: str) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        mlflow.log_artifact(str(path))
+
+
+def _bad_images_csv(entries: list[dict[str, Any]]) -> str:
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["split", "index", "uri", "code", "message"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(entries)
+    return buf.getvalue()
+
+
+def _score_10crop(bundle_dir: str, val: Any, labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from mlc_ray.train.scoring import score_manifest
+
+    scored = score_manifest(bundle_dir, val, tta="10crop")
+    return scored.indices, scored.scores, scored.targets
+
+
+# ---- the job -------------------------------------------------------------------------------------
+
+
+def run_train_job(cfg: TrainConfig) -> TrainResult:
+    """The training job: mining pipeline or one stage, then export + registration if ``register_as``."""
+    if cfg.mining.enabled:
+        from mlc_ray.train.mining import run_mining_pipeline
+
+        result = run_mining_pipeline(cfg)
+    else:
+        result = run_training(cfg)
+    if cfg.register_as:
+        _export_and_register(cfg, result)
+    return result
+
+
+def _export_and_register(cfg: TrainConfig, result: TrainResult) -> None:
+    import importlib
+
+    from mlc_ray.cli import JobError
+
+    try:
+        export = importlib.import_module("mlc_ray.export")
+        registry = importlib.import_module("mlc_ray.registry")
+    except ImportError as exc:
+        raise JobError(
+            f"--register-as needs mlc_ray.export and mlc_ray.registry: {exc}", exit_code=1
+        ) from exc
+    export_bundle = getattr(export, "export_bundle", None)
+    register_bundle = getattr(registry, "register_bundle", None)
+    if export_bundle is None or register_bundle is None:
+        raise JobError(
+            "--register-as: this build has no mlc_ray.export.export_bundle / mlc_ray.registry.register_bundle yet; "
+            f"the bundle is saved at {result.bundle_dir}",
+            exit_code=1,
+        )
+    from mlc_ray.train.tracking import command_line
+
+    calibration, val_images, val_targets = _export_inputs(result)
+    report = export_bundle(
+        result.bundle_dir, calibration_images=calibration, val_images=val_images, val_targets=val_targets
+    )
+    log.info("export:\n%s", report.format() if hasattr(report, "format") else report)
+    version = register_bundle(
+        result.bundle_dir,
+        cfg.register_as,
+        run_id=result.mlflow_run_id,
+        command_line=command_line(),
+        tags={"manifest_sha256": result.train_manifest.sha256} if result.train_manifest is not None else None,
+    )
+    log.info(
+        "registered %s version %s (alias challenger)", cfg.register_as, getattr(version, "version", version)
+    )
+
+
+MAX_EXPORT_CALIBRATION = 256  # training images for onnxruntime's int8 calibration
+MAX_EXPORT_VAL = 2000  # validation images for the int8 accuracy gate and the parity checks
+
+
+def _load_pixels(uris: list[str], preprocess: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC eval-preprocessed pixels, mask of the URIs that decoded)."""
+    from mlc_ray import storage
+    from mlc_ray.data.images import decode_image, preprocess_eval
+
+    pixels, ok = [], np.zeros(len(uris), dtype=bool)
+    for k, uri in enumerate(uris):
+        try:
+            decoded = decode_image(storage.read_bytes(uri))
+        except OSError:
+            continue
+        if decoded.error is None:
+            pixels.append(preprocess_eval(decoded.array, preprocess))
+            ok[k] = True
+    size = preprocess.image_size
+    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), ok
+
+
+def _export_inputs(result: TrainResult) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Calibration images (a seeded sample of the training set) and validation images + targets
+    (the first MAX_EXPORT_VAL scored val rows) for export's int8 gate and parity checks."""
+    from mlc_ray import storage
+    from mlc_ray.data.images import PreprocessConfig
+
+    preprocess = PreprocessConfig.from_json(
+        storage.read_text(storage.join(result.bundle_dir, "preprocess.json"))
+    )
+    calibration = None
+    if result.train_manifest is not None and len(result.train_manifest):
+        rng = np.random.default_rng(0)
+        n = min(MAX_EXPORT_CALIBRATION, len(result.train_manifest))
+        rows = np.sort(rng.choice(len(result.train_manifest), size=n, replace=False))
+        calibration, _ = _load_pixels([result.train_manifest.images[i] for i in rows], preprocess)
+    if result.val_manifest is None:
+        return calibration, None, None
+    rows = result.val_indices[:MAX_EXPORT_VAL]
+    val_images, ok = _load_pixels([result.val_manifest.images[i] for i in rows], preprocess)
+    return calibration, val_images, result.val_targets[: len(rows)][ok]

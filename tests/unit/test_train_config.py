@@ -1,0 +1,117 @@
+"""TrainConfig: defaults, validation, YAML + CLI precedence; the pure helpers of the training loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlc_ray.config import ConfigError, load_config
+from mlc_ray.train.config import TrainConfig
+from mlc_ray.train.loop import lr_factor
+from mlc_ray.train.mining import MiningConfig
+from mlc_ray.train.tracking import flatten_params, per_label_table, resolve_tracking_uri
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train_job():
+    spec = importlib.util.spec_from_file_location("jobs_train", REPO / "jobs" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resolve(argv: list[str]) -> TrainConfig:
+    job = _train_job()
+    args = job.build_parser().parse_args(argv)
+    return load_config(TrainConfig, args.config, job.overrides_from_args(args))
+
+
+def test_defaults_are_the_valid_demo_config() -> None:
+    cfg = TrainConfig()
+    assert cfg.data is None and cfg.model == "mobilenet_v1" and cfg.num_workers == 1
+    assert cfg.run_name.startswith("mobilenet_v1-")
+    assert cfg.bundle_dir == f"{cfg.storage_path}/{cfg.run_name}/model"
+    assert cfg.per_worker_batch_size == cfg.batch_size
+    assert isinstance(cfg.mining, MiningConfig) and not cfg.mining.enabled
+
+
+def test_unknown_key_error_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'epoch'.*did you mean 'epochs'"):
+        load_config(TrainConfig, path)
+    path.write_text("mining:\n  topk: 3\n")
+    with pytest.raises(ConfigError, match=r"mining\.topk"):
+        load_config(TrainConfig, path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 10, "num_workers": 4}, "divide evenly"),
+        ({"optimizer": "adam"}, "optimizer must be one of"),
+        ({"loss": "focal"}, "loss must be one of"),
+        ({"calibration": "best"}, "best"),
+        ({"run_name": "a/b"}, "run_name"),
+        ({"warmup_epochs": 6, "epochs": 5}, "warmup_epochs"),
+        ({"max_error_rate": 1.5}, "max_error_rate"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_field_name(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_cli_overrides_yaml_overrides_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\nlr: 0.01\nbatch_size: 16\nmining:\n  top_k: 9\n")
+    cfg = _resolve(["--config", str(path), "--epochs", "3", "--use-gpu", "--set", "mining.top_k=11"])
+    assert cfg.epochs == 3  # CLI beats YAML
+    assert cfg.lr == 0.01 and cfg.batch_size == 16  # YAML beats defaults
+    assert cfg.use_gpu is True and cfg.mining.top_k == 11
+    assert cfg.image_size == TrainConfig().image_size  # untouched default
+    cfg = _resolve(["--mine", "--run-name", "r1", "--storage-path", "s3://b/runs"])
+    assert cfg.mining.enabled and cfg.run_dir == "s3://b/runs/r1" and cfg.bundle_dir == "s3://b/runs/r1/model"
+
+
+def test_cli_unknown_set_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="'epocs'"):
+        _resolve(["--set", "epocs=2"])
+
+
+def test_job_main_turns_a_config_error_into_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train_job().main(["--set", "optimizer=adam"]) == 2
+    assert "optimizer must be one of" in capsys.readouterr().err
+
+
+def test_warmup_cosine_schedule() -> None:
+    total, warm = 100, 10
+    f = [lr_factor(s, total_steps=total, warmup_steps=warm) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:10], f[1:10], strict=False))  # rising warm-up
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))  # falling cosine
+    assert f[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(10_000, total_steps=total, warmup_steps=warm) == pytest.approx(0.0)
+
+
+def test_tracking_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert flatten_params({"a": 1, "m": {"k": [1, 2]}}) == {"a": "1", "m.k": "[1, 2]"}
+    m = {
+        "per_label_support": np.array([3, 0]),
+        "per_label_ap": np.array([0.5, np.nan]),
+        "per_label_precision": np.array([1.0, 0.0]),
+        "per_label_recall": np.array([0.5, 0.0]),
+        "per_label_f1": np.array([2 / 3, 0.0]),
+    }
+    csv, md = per_label_table(m, m, [0.4, 0.5], ["cat", "a,b"])
+    lines = csv.splitlines()
+    assert lines[1].startswith("cat,3,0.5000,0.4000") and lines[2].startswith('"a,b",0,,0.5000')
+    assert md.count("\n") == 4 and "| cat | 3 |" in md
