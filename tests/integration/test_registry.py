@@ -188,6 +188,7 @@ def build_color_bundle(bundle: Path, weights: list[list[float]], tag: str = "") 
 def onnx_reference(bundle: Path, data: list[bytes]) -> np.ndarray:
     """The plain ONNX path: decode, preprocess, onnxruntime; independent of the pyfunc wrapper."""
     import onnxruntime as ort
+
     from mlc_ray.data.images import PreprocessConfig, decode_image, preprocess_eval
 
     cfg = PreprocessConfig.from_dict(json.loads((bundle / "preprocess.json").read_text()))
@@ -314,8 +315,9 @@ print("RESULT" + out.to_json(orient="records"))
 
 
 def test_pyfunc_champion_in_fresh_process_matches_onnx(registered: dict, color_data: str) -> None:
-    from mlc_ray.registry import promote
     from mlflow import MlflowClient
+
+    from mlc_ray.registry import promote
 
     decision = promote("reg-test", color_data, candidate="challenger")
     assert decision.promoted and "first promotion" in decision.reason

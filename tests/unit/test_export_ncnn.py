@@ -1,0 +1,133 @@
+"""ncnn export via pnnx, and parity of every exported fp32 format on every registered architecture.
+
+One module-scoped export per architecture (ONNX fp32 + ncnn through ``export_bundle``) at 64 px with 4
+labels; the models get randomised BatchNorm statistics and a scaled head so their probabilities spread
+over (0, 1) (a fresh torchvision head is zero-initialised: every probability would be 0.5 and parity
+would prove nothing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlc_ray.data.images import PreprocessConfig
+from mlc_ray.export import ExportError, export_bundle
+from mlc_ray.export.ncnn import NcnnRunner, convert_to_ncnn, run_pnnx
+from mlc_ray.export.onnx import onnx_probabilities
+from mlc_ray.export.parity import TOLERANCE, synthetic_images, torch_probabilities
+from mlc_ray.models import build_tagger, list_models, model_spec
+
+pytestmark = pytest.mark.timeout(300)
+
+SIZE = 64
+LABELS = ["cat", "dog", "red", "text"]
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Make an untrained tagger behave like a trained one: image-dependent features, spread logits.
+
+    A fresh network in eval mode gives (nearly) the same output for every image (BatchNorm's running
+    statistics are 0/1 and the head is zero-initialised), which would make parity prove nothing. So:
+    re-estimate BatchNorm statistics on synthetic images, then scale a random head so each label's
+    logits have std ~2 across images and are centred near 0.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.from_numpy(synthetic_images(32, SIZE, seed=seed + 100))
+    head = next(
+        m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == len(LABELS)
+    )
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over the batches below
+        model.train()
+        for chunk in images.split(16):
+            model(chunk)
+        model.eval()
+        head.weight.normal_(0.0, 1.0 / head.in_features**0.5, generator=gen)
+        head.bias.zero_()
+        logits = model(images)
+        scale = 2.0 / logits.std(dim=0).clamp(min=1e-6)
+        head.weight.mul_(scale[:, None])
+        head.bias.copy_(
+            -logits.mean(dim=0) * scale + torch.empty(len(LABELS)).uniform_(-0.5, 0.5, generator=gen)
+        )
+    return model
+
+
+def write_bundle(folder: Path, arch: str, normalization: str = "imagenet") -> tuple[Path, object]:
+    """A training-like bundle: model.pt, model.json, labels.json, preprocess.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pre = PreprocessConfig(image_size=SIZE, normalization=normalization)
+    spec = model_spec(arch, len(LABELS))
+    torch.manual_seed(0)
+    model = randomise(build_tagger(spec, pre))
+    torch.save(model.state_dict(), folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps(spec))
+    (folder / "labels.json").write_text(json.dumps(LABELS))
+    (folder / "preprocess.json").write_text(pre.to_json())
+    return folder, model
+
+
+@pytest.fixture(scope="module", params=list_models())
+def exported(request, tmp_path_factory):
+    arch = request.param
+    # per_image normalisation (seed 000) on one arch: its reductions must survive ONNX and ncnn too.
+    normalization = "per_image" if arch == "mobilenet_v1" else "imagenet"
+    folder, model = write_bundle(tmp_path_factory.mktemp(arch), arch, normalization)
+    images = synthetic_images(12, SIZE, seed=3)
+    report = export_bundle(folder, val_images=images, formats=("onnx", "ncnn"), threads=2)
+    return arch, folder, model, images, report
+
+
+def test_every_architecture_exports_with_parity(exported):
+    arch, folder, model, images, report = exported
+    assert report.ok("onnx"), report.format()
+    assert report.ok("ncnn"), report.format()
+    # The in-memory model is the reference; export_bundle compared against the reloaded model.pt.
+    reference = torch_probabilities(model, images)
+    assert reference.std(axis=0).min() > 0.1, "the test model's probabilities should vary across images"
+    onnx_p = onnx_probabilities(folder / "model.onnx", images)
+    ncnn_p = NcnnRunner(folder / "model.ncnn.param", folder / "model.ncnn.bin").run(images)
+    assert ncnn_p.shape == onnx_p.shape == (len(images), len(LABELS))
+    assert np.abs(onnx_p - reference).max() <= TOLERANCE
+    assert np.abs(ncnn_p - reference).max() <= TOLERANCE
+    for fmt in ("onnx", "ncnn"):
+        assert report.results[fmt].parity.max_abs_diff <= TOLERANCE
+        assert report.results[fmt].parity.n_images == len(images)
+    assert sorted(report.files) == ["model.ncnn.bin", "model.ncnn.param", "model.onnx"]
+    # The runner (the tagging backend) is reusable, threaded, and per-image equals per-batch.
+    runner = NcnnRunner(folder / "model.ncnn.param", folder / "model.ncnn.bin", num_threads=2)
+    np.testing.assert_allclose(runner.predict(images[:3]), ncnn_p[:3], atol=1e-6)
+    np.testing.assert_allclose(runner.run_one(images[1]), ncnn_p[1], atol=1e-6)
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        runner.run(images.astype(np.float32))
+
+
+def test_corrupt_onnx_gives_a_clear_export_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"this is not an onnx protobuf")
+    with pytest.raises(ExportError, match="model.onnx"):
+        convert_to_ncnn(bad, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.ncnn.param").exists()
+
+
+def test_pnnx_failure_carries_the_converter_output(tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(
+        ExportError,
+        match=r"pnnx failed on .*broken\.onnx \((exit|crashed with signal) \d+\); converter output:",
+    ):
+        run_pnnx(bad, tmp_path)
+
+
+def test_missing_ncnn_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.ncnn.param"):
+        NcnnRunner(tmp_path / "model.ncnn.param", tmp_path / "model.ncnn.bin")
