@@ -1,0 +1,735 @@
+"""Bulk tagging with Ray Data: list → read bytes (tasks) → decode + infer (actor pool) → Parquet shards.
+
+``run_tagging(cfg)`` is the whole job; ``jobs/tag.py`` only parses arguments. The stages:
+
+1. **Resolve** the model once in the driver (``registry.resolve_model``: alias → concrete version,
+   files downloaded once and checked against their sha256 tags). The backend's file bytes are put in
+   the object store once and every actor builds its session from them, so actors on other nodes
+   never touch MLflow or the cache.
+2. **List** the input as a stream of pages, cut it into shards of ``shard_size`` keys and persist
+   each shard's descriptor under ``<output>/_runs/<run_id>/shards/`` (driver memory: one shard).
+   ``--incremental`` drops keys whose (uri, etag) this model version already tagged (``TaggedIndex``).
+3. **Tag** pending shards in windows of about ``WINDOW_KEYS`` keys: a Ray Dataset of the window's
+   keys → ``read_objects`` tasks (threads, retries with jittered backoff; a missing or unreadable
+   object becomes an ``unreadable`` error row) → ``Predictor`` actors
+   (``ActorPoolStrategy``): robust decode at draft scale, ``preprocess_eval`` per the version's
+   ``preprocess.json``, inference, thresholds, and a ``pyarrow.Table`` in the tag-table schema.
+4. **Commit**: the driver gathers each shard's rows; when all of a shard's positions are in (no
+   more, no less, in the shard's order) it writes the shard's Parquet file under a temporary name
+   and commits it under its deterministic name. Committed shards are skipped on a rerun, so a
+   killed driver or actor never loses or duplicates a row: Ray Data retries a task whose actor
+   died, and a shard is only committed whole.
+5. **Summarise**: counts and errors by code in ``summary.json`` (+ ``_SUCCESS`` when the error rate
+   is within ``--max-error-rate``) under the run's state directory, and a table in the log.
+
+Parallelism rule (``choose_parallelism``), overridable with ``--actors`` / ``--threads-per-actor``:
+with C cluster CPUs, keep R = max(1, C // 8) CPUs for the read tasks and the driver (reads are I/O
+bound: each read task holds ``num_cpus=0.5`` and many threads); give each inference actor T = 1
+intra-op thread when C - R < 4, else T = 2 (onnxruntime scales sub-linearly with threads, so more
+single-session actors beat one wide session); actors = (C - R) // T, fixed size. With ``--use-gpu``:
+one actor per GPU, T = max(1, (C - R) // GPUs) CPU threads for its decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mlc_ray.cli import JobError, UserError
+from mlc_ray.tagging.config import DEMO_MODEL_URI, TagConfig
+from mlc_ray.tagging.inputs import Shard, ShardStore, is_manifest, iter_input_keys, iter_shards
+from mlc_ray.tagging.state import RunState, TaggedIndex, default_run_id, run_dir
+from mlc_ray.tagging.table import (
+    ERROR_UNREADABLE,
+    TAG_TABLE_SCHEMA,
+    Provenance,
+    TagTableWriter,
+    shard_file_name,
+    tag_rows,
+)
+
+__all__ = [
+    "run_tagging",
+    "TagSummary",
+    "Parallelism",
+    "choose_parallelism",
+    "read_objects",
+    "Predictor",
+    "EXIT_ERROR_RATE",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_ERROR_RATE = 1  # the job's exit code when the error rate is above --max-error-rate
+WINDOW_KEYS = 50_000  # keys per Ray Dataset: bounds the driver's buffered results
+READ_BLOCK_KEYS = 64  # keys per read task
+ROUTING_COLUMNS = (pa.field("_shard", pa.int32()), pa.field("_pos", pa.int32()))
+PREDICTOR_OUTPUT_SCHEMA = pa.schema([*TAG_TABLE_SCHEMA, *ROUTING_COLUMNS])
+# Test/chaos hook: when set to a path that does not exist yet, the first Predictor call creates it
+# and kills its own process (a crashed actor), once per marker.
+CHAOS_EXIT_ONCE_ENV = "MLC_RAY_CHAOS_PREDICTOR_EXIT_ONCE"
+# Test/chaos hook: seconds each Predictor call sleeps (lets a test kill the driver mid-run).
+CHAOS_DELAY_ENV = "MLC_RAY_CHAOS_PREDICTOR_DELAY_S"
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "503",
+    "500",
+    "502",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+}
+
+
+# --------------------------------------------------------------------------------------------- parallelism
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    min_actors: int
+    max_actors: int
+    threads_per_actor: int
+    gpus_per_actor: float = 0.0
+    read_cpus: float = 0.5
+
+
+def choose_parallelism(
+    cluster_cpus: float,
+    *,
+    cluster_gpus: float = 0.0,
+    use_gpu: bool = False,
+    actors: tuple[int, int] | None = None,
+    threads_per_actor: int | None = None,
+) -> Parallelism:
+    """Actors and threads from the cluster's CPUs (the rule is in the module docstring)."""
+    cpus = max(1, int(cluster_cpus))
+    reserve = max(1, cpus // 8)
+    budget = max(1, cpus - reserve)
+    if use_gpu:
+        gpus = max(1, int(cluster_gpus))
+        n = actors or (gpus, gpus)
+        threads = threads_per_actor or max(1, budget // n[1])
+        return Parallelism(n[0], n[1], threads, gpus_per_actor=min(1.0, gpus / n[1]))
+    threads = threads_per_actor or (1 if budget < 4 else 2)
+    if actors is None:
+        count = max(1, budget // threads)
+        actors = (count, count)
+    return Parallelism(actors[0], actors[1], threads)
+
+
+# --------------------------------------------------------------------------------------------- read stage
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | ValueError):
+        return False
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {}) or {}
+        code = str(err.get("Code", ""))
+        status = str((response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", ""))
+        if code in ("NoSuchKey", "404", "403", "AccessDenied", "NoSuchBucket"):
+            return False
+        return code in _TRANSIENT_CODES or status in _TRANSIENT_CODES
+    # connection resets, timeouts, botocore's EndpointConnectionError / ReadTimeoutError, ...
+    return isinstance(exc, OSError | ConnectionError | TimeoutError) or "botocore" in type(exc).__module__
+
+
+def read_with_retry(uri: str, retries: int = 5, base_delay: float = 0.2) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, "unreadable: why"). Transient errors are retried with jittered backoff
+    (on top of boto3's own standard-mode retries); a missing/forbidden object is not retried."""
+    from mlc_ray import storage
+
+    for attempt in range(1, retries + 1):
+        try:
+            return storage.read_bytes(uri), None
+        except Exception as exc:  # every failure becomes a row, never a failed job
+            if not _is_transient(exc) or attempt == retries:
+                kind = "not found" if isinstance(exc, FileNotFoundError) else type(exc).__name__
+                return None, f"{ERROR_UNREADABLE}: {kind}: {exc} (after {attempt} attempt(s))"
+            time.sleep(min(10.0, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
+    return None, f"{ERROR_UNREADABLE}: no attempt made"  # retries < 1
+
+
+def read_objects(batch: pa.Table, *, read_threads: int = 16, read_retries: int = 5) -> pa.Table:
+    """Ray Data task UDF: add ``data`` (bytes or null) and ``read_error``; fill unknown etags (local
+    files, manifest entries) with ``storage.content_hash`` of the bytes."""
+    from mlc_ray import storage
+
+    uris = batch.column("image_uri").to_pylist()
+    etags = batch.column("source_etag").to_pylist()
+    workers = max(1, min(read_threads, len(uris)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda u: read_with_retry(u, read_retries), uris))
+    filled = [
+        etag if etag or data is None else storage.content_hash(data)
+        for etag, (data, _) in zip(etags, results, strict=True)
+    ]
+    out = batch.set_column(
+        batch.schema.get_field_index("source_etag"), "source_etag", pa.array(filled, pa.string())
+    )
+    out = out.append_column("data", pa.array([d for d, _ in results], pa.binary()))
+    return out.append_column("read_error", pa.array([e for _, e in results], pa.string()))
+
+
+# --------------------------------------------------------------------------------------------- infer stage
+
+
+class Predictor:
+    """Ray Data actor UDF: decode + preprocess + infer + threshold, one backend session per actor."""
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        labels: list[str],
+        thresholds: list[float],
+        preprocess: dict,
+        provenance: dict,
+        threads: int = 1,
+        use_gpu: bool = False,
+        chaos_exit_once: str | None = None,
+        chaos_delay_s: float = 0.0,
+    ) -> None:
+        import ray
+
+        from mlc_ray.data.images import PreprocessConfig
+        from mlc_ray.tagging.backends import make_backend
+
+        if isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
+        self.backend = make_backend(model, threads=threads, use_gpu=use_gpu)
+        self.labels = list(labels)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.preprocess = PreprocessConfig.from_dict(preprocess)
+        self.provenance = Provenance.from_dict(provenance)
+        self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        self.chaos_exit_once = chaos_exit_once
+        self.chaos_delay_s = float(chaos_delay_s)
+
+    def _prepare(
+        self, item: tuple[bytes | None, str | None]
+    ) -> tuple[np.ndarray | None, int | None, int | None, str | None]:
+        from mlc_ray.data.images import decode_image, preprocess_eval
+
+        data, read_error = item
+        if read_error is not None:
+            return None, None, None, read_error
+        decoded = decode_image(data, target_size=self.preprocess.image_size)
+        if decoded.error is not None:
+            w = decoded.width or None
+            h = decoded.height or None
+            return None, w, h, f"{decoded.error.code}: {decoded.error.message}"
+        return preprocess_eval(decoded.array, self.preprocess), decoded.width, decoded.height, None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.chaos_exit_once and not os.path.exists(self.chaos_exit_once):
+            with open(self.chaos_exit_once, "w") as fh:
+                fh.write(str(os.getpid()))
+            os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the task
+        if self.chaos_delay_s:
+            time.sleep(self.chaos_delay_s)
+        items = list(
+            zip(batch.column("data").to_pylist(), batch.column("read_error").to_pylist(), strict=True)
+        )
+        prepared = (
+            list(self.pool.map(self._prepare, items)) if self.pool else [self._prepare(i) for i in items]
+        )
+        ok_rows = [i for i, p in enumerate(prepared) if p[0] is not None]
+        scores = predicted = None
+        if ok_rows:
+            pixels = np.stack([prepared[i][0] for i in ok_rows])
+            scores = self.backend.run(pixels)
+            if scores.shape != (len(ok_rows), len(self.labels)):
+                raise RuntimeError(
+                    f"model returned scores of shape {scores.shape}, expected ({len(ok_rows)}, {len(self.labels)})"
+                )
+            predicted = scores >= self.thresholds[None, :]
+        table = tag_rows(
+            image_uris=batch.column("image_uri").to_pylist(),
+            source_etags=batch.column("source_etag").to_pylist(),
+            label_names=self.labels,
+            scores=scores,
+            predicted=predicted,
+            ok_rows=ok_rows,
+            widths=[p[1] for p in prepared],
+            heights=[p[2] for p in prepared],
+            errors=[p[3] for p in prepared],
+            provenance=self.provenance,
+        )
+        table = table.append_column(ROUTING_COLUMNS[0], batch.column("_shard").cast(pa.int32()))
+        return table.append_column(ROUTING_COLUMNS[1], batch.column("_pos").cast(pa.int32()))
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def error_code(error: str) -> str:
+    return error.split(":", 1)[0].strip() or "unknown"
+
+
+@dataclass
+class TagSummary:
+    """What a run did; written as ``summary.json`` and printed as a table."""
+
+    run_id: str
+    output: str
+    dt: str
+    model: str  # pinned URI
+    model_version: str
+    backend: str
+    precision: str
+    images: int = 0  # rows in the run's committed files (all attempts)
+    ok: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    shards_skipped: int = 0  # already committed by an earlier attempt of this run
+    images_this_attempt: int = 0
+    wall_s: float = 0.0
+    images_per_s: float = 0.0  # images tagged by this attempt / its wall time
+    max_error_rate: float = 1.0
+    incremental: bool = False
+    finished_at: str = ""
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_code.values())
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.images if self.images else 0.0
+
+    @property
+    def error_rate_ok(self) -> bool:
+        return self.error_rate <= self.max_error_rate
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(errors=self.errors, error_rate=round(self.error_rate, 6))
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def format(self) -> str:
+        rows = [
+            ("run", f"{self.run_id} (dt={self.dt})"),
+            ("model", f"{self.model} ({self.backend} {self.precision})"),
+            ("output", self.output),
+            ("images", f"{self.images}  ({self.shards} shards, {self.shards_skipped} already committed)"),
+            ("ok", str(self.ok)),
+            ("errors", f"{self.errors} ({self.error_rate:.2%}; max {self.max_error_rate:.2%})"),
+        ]
+        rows += [(f"  {code}", str(n)) for code, n in sorted(self.errors_by_code.items())]
+        rows += [
+            ("this attempt", f"{self.images_this_attempt} images in {self.wall_s:.1f} s"),
+            ("images/s", f"{self.images_per_s:.1f}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class _Model:
+    pinned: str
+    name: str
+    version: str
+    alias: str | None
+    local_dir: str
+
+
+def _resolve(cfg: TagConfig) -> _Model:
+    from mlc_ray.registry import ModelNotFoundError, resolve_model
+
+    try:
+        resolved = resolve_model(cfg.model, cfg.model_cache)
+    except ModelNotFoundError as exc:
+        if cfg.model == DEMO_MODEL_URI:
+            raise UserError(
+                f"{exc}. The demo champion is not registered yet: run `make demo` (or jobs/train.py then "
+                "jobs/promote.py) first, or pass --model models:/NAME@ALIAS or a bundle directory"
+            ) from exc
+        raise
+    if resolved.name:
+        return _Model(
+            resolved.pinned_uri, resolved.name, str(resolved.version), resolved.alias, resolved.local_dir
+        )
+    # A bare bundle directory: its name, and the content hash of its fp32 graph as the "version".
+    with open(os.path.join(resolved.local_dir, "model.onnx"), "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+    name = os.path.basename(cfg.model.rstrip("/")) or "bundle"
+    return _Model(f"{cfg.model.rstrip('/')}#{digest}", name, f"bundle-{digest}", None, resolved.local_dir)
+
+
+def _load_model_metadata(local_dir: str) -> tuple[list[str], Any, dict]:
+    from mlc_ray.calibrate import Thresholds
+    from mlc_ray.evaluation import load_labels
+
+    labels = load_labels(local_dir)
+    path = os.path.join(local_dir, "thresholds.json")
+    try:
+        thresholds = Thresholds.load(path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if list(thresholds.labels) != labels:
+        raise UserError(
+            f"{path}: thresholds are for labels {thresholds.labels[:5]}..., but labels.json lists "
+            f"{labels[:5]}...; the bundle is inconsistent: recalibrate or re-export it"
+        )
+    with open(os.path.join(local_dir, "preprocess.json")) as fh:
+        preprocess = json.load(fh)
+    return labels, thresholds, preprocess
+
+
+def _list_shards(
+    cfg: TagConfig, input_uri: str, state: RunState, store: ShardStore, model: _Model
+) -> list[str]:
+    """[2] stream the listing into shard descriptors; returns the digest per shard (small)."""
+    pages: Iterator[list] = iter_input_keys(input_uri)
+    if cfg.incremental:
+        index = TaggedIndex.from_table(cfg.output, model.name, model.version, by_uri=is_manifest(input_uri))
+        log.info("incremental: %d images already tagged by %s v%s", len(index), model.name, model.version)
+        pages = _filter_pages(pages, index)
+    digests: list[str] = []
+    n_images = 0
+    for shard in iter_shards(pages, cfg.shard_size, limit=cfg.limit):
+        store.put(shard)
+        digests.append(shard.digest)
+        n_images += len(shard)
+        if len(digests) % 100 == 0:
+            log.info("listed %d shards (%d images) so far", len(digests), n_images)
+    from mlc_ray import storage
+
+    storage.write_text(
+        storage.join(store.dir, "index.json"), json.dumps({"digests": digests, "images": n_images})
+    )
+    state.listing_complete, state.n_shards, state.n_images = True, len(digests), n_images
+    state.save()
+    return digests
+
+
+def _filter_pages(pages: Iterator[list], index: TaggedIndex) -> Iterator[list]:
+    from mlc_ray.tagging.inputs import InputKey
+
+    for page in pages:
+        if not index.by_uri and any(not k.etag for k in page):
+            # local files list without an ETag: their content hash is what the table recorded
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                hashes = list(pool.map(lambda k: k.etag or _content_etag_or_none(k.uri), page))
+            page = [InputKey(k.uri, h) for k, h in zip(page, hashes, strict=True)]
+        tagged = index.contains([k.uri for k in page], [k.etag for k in page])
+        kept = [k for k, t in zip(page, tagged, strict=True) if not t]
+        if kept:
+            yield kept
+
+
+def _content_etag_or_none(uri: str) -> str | None:
+    from mlc_ray import storage
+
+    try:
+        return storage.content_etag(uri)
+    except OSError:
+        return None  # unreadable now: it will be an error row, retried by the next run
+
+
+def _shard_counts_from_file(uri: str) -> tuple[int, Counter]:
+    import pyarrow.parquet as pq
+
+    from mlc_ray import storage
+
+    fs, path = storage.arrow_filesystem(uri)
+    errors = pq.read_table(path, columns=["error"], filesystem=fs).column("error").to_pylist()
+    return len(errors), Counter(error_code(e) for e in errors if e)
+
+
+class _ShardBuffer:
+    """One shard's rows as they arrive from the actors, keyed by position (a retried task's rows
+    replace, never add)."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.parts: list[pa.Table] = []
+        self.seen = np.zeros(len(shard), dtype=bool)
+
+    def add(self, part: pa.Table) -> None:
+        pos = np.asarray(part.column("_pos").to_numpy(zero_copy_only=False), dtype=np.int64)
+        fresh = ~self.seen[pos]
+        # positions repeated inside `part` itself keep their first row
+        _, first = np.unique(pos, return_index=True)
+        keep = np.zeros(len(pos), dtype=bool)
+        keep[first] = True
+        keep &= fresh
+        if keep.any():
+            self.parts.append(part.filter(pa.array(keep)))
+            self.seen[pos[keep]] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.seen.all())
+
+    def table(self) -> pa.Table:
+        combined = pa.concat_tables(self.parts)
+        combined = combined.take(pa.array(np.argsort(combined.column("_pos").to_numpy(), kind="stable")))
+        uris = combined.column("image_uri").to_pylist()
+        if uris != list(self.shard.uris):
+            raise RuntimeError(
+                f"shard {self.shard.index}: rows do not match the shard's keys; not committing"
+            )
+        return combined.select(TAG_TABLE_SCHEMA.names)
+
+
+def _shard_dataset(shards: list[Shard]) -> Any:
+    import ray
+
+    blocks = []
+    for shard in shards:
+        for start in range(0, len(shard), READ_BLOCK_KEYS):
+            stop = min(start + READ_BLOCK_KEYS, len(shard))
+            blocks.append(
+                pa.table(
+                    {
+                        "_shard": pa.array([shard.index] * (stop - start), pa.int32()),
+                        "_pos": pa.array(range(start, stop), pa.int32()),
+                        "image_uri": pa.array(shard.uris[start:stop], pa.string()),
+                        "source_etag": pa.array(shard.etags[start:stop], pa.string()),
+                    }
+                )
+            )
+    return ray.data.from_arrow(blocks)
+
+
+def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSummary:
+    """Tag every image of ``cfg.input`` into the tag table at ``cfg.output`` (resuming the same run)."""
+    import ray
+
+    from mlc_ray import storage
+    from mlc_ray.cli import init_ray
+    from mlc_ray.config import config_to_dict
+    from mlc_ray.tagging.backends import model_files_for
+
+    t0 = time.monotonic()
+    input_uri = cfg.input
+    if input_uri is None:
+        from mlc_ray.data.demo import ensure_demo_data
+
+        input_uri = ensure_demo_data()
+        log.info("no --input: tagging the demo images (%s)", input_uri)
+
+    # [1] resolve the model once; load what the actors need
+    model = _resolve(cfg)
+    labels, thresholds, preprocess = _load_model_metadata(model.local_dir)
+    files = model_files_for(model.local_dir, cfg.backend, cfg.precision)
+
+    # [2] run identity and state; list into shards unless an earlier attempt finished the listing
+    run_id = cfg.run_id or default_run_id(model.pinned, input_uri, cfg.output)
+    if cfg.incremental and cfg.run_id is None:
+        # each scheduled incremental run is its own run; a killed one is redone by the next
+        run_id += "-i" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    state = RunState.load(cfg.output, run_id)
+    if state is None:
+        state = RunState.new(
+            run_id=run_id, model=model.pinned, input=input_uri, output=cfg.output, config=config_to_dict(cfg)
+        )
+        state.save()
+    else:
+        if state.model != model.pinned:
+            raise UserError(
+                f"run {run_id} was started with {state.model}, not {model.pinned}; use another --run-id"
+            )
+        state.attempts += 1
+        state.save()
+        log.info("resuming run %s (attempt %d, dt=%s)", run_id, state.attempts, state.dt)
+    store = ShardStore(run_dir(cfg.output, run_id))
+    if state.listing_complete:
+        digests = json.loads(storage.read_text(storage.join(store.dir, "index.json")))["digests"]
+    else:
+        digests = _list_shards(cfg, input_uri, state, store, model)
+    log.info(
+        "run %s: %d images in %d shards -> %s/dt=%s",
+        run_id,
+        state.n_images,
+        len(digests),
+        cfg.output,
+        state.dt,
+    )
+
+    writer = TagTableWriter(cfg.output, state.dt, run_id)
+    committed = writer.committed_names()
+    pending = [i for i, d in enumerate(digests) if shard_file_name(run_id, i, d) not in committed]
+    pending_set = set(pending)
+    skipped = [i for i in range(len(digests)) if i not in pending_set]
+    provenance = Provenance(
+        model_name=model.name,
+        model_version=model.version,
+        model_alias=model.alias,
+        thresholds_sha256=thresholds.sha256,
+        backend=cfg.backend,
+        precision=cfg.precision,
+        run_id=run_id,
+    )
+    summary = TagSummary(
+        run_id=run_id,
+        output=storage.join(cfg.output, f"dt={state.dt}"),
+        dt=state.dt,
+        model=model.pinned,
+        model_version=model.version,
+        backend=cfg.backend,
+        precision=cfg.precision,
+        shards=len(digests),
+        shards_skipped=len(skipped),
+        max_error_rate=cfg.max_error_rate,
+        incremental=cfg.incremental,
+    )
+    counts_dir = storage.join(run_dir(cfg.output, run_id), "counts")
+
+    # [3] tag pending shards, window by window
+    t_tag = time.monotonic()
+    if pending:
+        init_ray()
+        resources = ray.cluster_resources()
+        par = choose_parallelism(
+            resources.get("CPU", 1),
+            cluster_gpus=resources.get("GPU", 0),
+            use_gpu=cfg.use_gpu,
+            actors=cfg.actor_range,
+            threads_per_actor=cfg.threads_per_actor,
+        )
+        if cfg.use_gpu and resources.get("GPU", 0) < 1:
+            raise JobError(
+                "--use-gpu: the Ray cluster has no GPU; drop --use-gpu or add GPU nodes", exit_code=2
+            )
+        log.info(
+            "inference: %d-%d %s actor(s) x %d thread(s)%s, batch %d",
+            par.min_actors,
+            par.max_actors,
+            cfg.backend,
+            par.threads_per_actor,
+            f", {par.gpus_per_actor} GPU each" if cfg.use_gpu else "",
+            cfg.batch_size,
+        )
+        model_ref = ray.put(files)
+        predictor_kwargs = {
+            "model": model_ref,
+            "labels": labels,
+            "thresholds": list(thresholds.values),
+            "preprocess": preprocess,
+            "provenance": provenance.to_dict(),
+            "threads": par.threads_per_actor,
+            "use_gpu": cfg.use_gpu,
+            "chaos_exit_once": os.environ.get(CHAOS_EXIT_ONCE_ENV) or None,
+            "chaos_delay_s": float(os.environ.get(CHAOS_DELAY_ENV) or 0.0),
+        }
+        window = max(1, WINDOW_KEYS // cfg.shard_size)
+        for w in range(0, len(pending), window):
+            shards = [store.get(i) for i in pending[w : w + window]]
+            for shard in shards:
+                if shard.digest != digests[shard.index]:
+                    raise RuntimeError(
+                        f"{store.uri(shard.index)}: descriptor does not match the run's listing"
+                    )
+            _tag_window(cfg, shards, par, predictor_kwargs, writer, counts_dir, summary)
+    wall_tag = time.monotonic() - t_tag
+
+    # [5] totals over every shard of the run (earlier attempts included)
+    summary.images, summary.ok, summary.errors_by_code = 0, 0, {}
+    errors: Counter = Counter()
+    for i, d in enumerate(digests):
+        counts_uri = storage.join(counts_dir, f"shard-{i:06d}.json")
+        try:
+            data = json.loads(storage.read_text(counts_uri))
+            rows, codes = int(data["rows"]), Counter(data["errors"])
+        except FileNotFoundError:  # committed, then killed before its counts were written
+            rows, codes = _shard_counts_from_file(writer.uri_for(i, d))
+        summary.images += rows
+        errors.update(codes)
+    summary.errors_by_code = dict(sorted(errors.items()))
+    summary.ok = summary.images - sum(errors.values())
+    summary.wall_s = round(time.monotonic() - t0, 3)
+    summary.images_per_s = round(summary.images_this_attempt / wall_tag, 2) if wall_tag > 0 else 0.0
+    summary.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+    rdir = run_dir(cfg.output, run_id)
+    storage.write_text(storage.join(rdir, "summary.json"), summary.to_json())
+    if summary.error_rate_ok:
+        storage.write_text(storage.join(rdir, "_SUCCESS"), summary.to_json())
+    log.info("tagging summary\n%s", summary.format())
+    if raise_on_error_rate and not summary.error_rate_ok:
+        first = ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items())
+        raise JobError(
+            f"{summary.errors} of {summary.images} images failed ({summary.error_rate:.2%} > "
+            f"--max-error-rate {cfg.max_error_rate:.2%}; {first}); rows are in {summary.output}, "
+            "look at the `error` column",
+            exit_code=EXIT_ERROR_RATE,
+        )
+    return summary
+
+
+def _tag_window(
+    cfg: TagConfig,
+    shards: list[Shard],
+    par: Parallelism,
+    predictor_kwargs: dict,
+    writer: TagTableWriter,
+    counts_dir: str,
+    summary: TagSummary,
+) -> None:
+    """[3]+[4] one Ray Dataset over a window of shards; commit each shard as soon as it is whole."""
+    import ray
+
+    from mlc_ray import storage
+
+    buffers = {s.index: _ShardBuffer(s) for s in shards}
+    ds = _shard_dataset(shards)
+    ds = ds.map_batches(
+        read_objects,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=par.read_cpus,
+        fn_kwargs={"read_threads": cfg.read_threads, "read_retries": cfg.read_retries},
+    )
+    ds = ds.map_batches(
+        Predictor,
+        compute=ray.data.ActorPoolStrategy(min_size=par.min_actors, max_size=par.max_actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=par.threads_per_actor,
+        num_gpus=par.gpus_per_actor if cfg.use_gpu else None,
+        fn_constructor_kwargs=predictor_kwargs,
+    )
+    for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        shard_ids = np.asarray(part.column("_shard").to_numpy(zero_copy_only=False))
+        for index in np.unique(shard_ids):
+            buf = buffers.get(int(index))
+            if buf is None:
+                continue  # already committed (a retried block after its shard was whole)
+            buf.add(part.filter(pa.array(shard_ids == index)))
+            if buf.complete:
+                table = buf.table()
+                uri = writer.commit(table, buf.shard.index, buf.shard.digest)
+                codes = Counter(error_code(e) for e in table.column("error").to_pylist() if e)
+                storage.write_text(
+                    storage.join(counts_dir, f"shard-{buf.shard.index:06d}.json"),
+                    json.dumps({"rows": table.num_rows, "errors": dict(codes), "file": uri}),
+                )
+                summary.images_this_attempt += table.num_rows
+                del buffers[int(index)]
+                log.info("committed shard %d (%d rows) -> %s", buf.shard.index, table.num_rows, uri)
+    if buffers:
+        missing = {i: int((~b.seen).sum()) for i, b in buffers.items()}
+        raise RuntimeError(f"shards {missing} did not receive all their rows; rerun to resume the run")

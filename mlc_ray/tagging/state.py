@@ -1,0 +1,163 @@
+"""Run identity and resumable state of a tagging run, and the index that ``--incremental`` checks.
+
+A run's identity is (model version, input, output) unless ``--run-id`` names it: ``default_run_id``
+hashes the three, so running the same command again *resumes* the same run. Its state lives in
+``<output>/_runs/<run_id>/``:
+
+* ``state.json`` — the run's start date (the ``dt`` partition every file of the run goes to, kept
+  so a run resumed after midnight stays whole), the pinned model, whether the listing finished and
+  how many shards/images it produced;
+* ``shards/shard-NNNNNN.json`` — the shard descriptors (``inputs.ShardStore``);
+* ``_SUCCESS`` — the summary JSON of the finished run (counts, errors by code, timings).
+
+``TaggedIndex`` is what ``--incremental`` compares against: the set of (image_uri, source_etag)
+already tagged by the same model name and version, read from the table's Parquet files (only those
+columns, streamed batch by batch) and held as one sorted ``uint64`` array of 64-bit hashes — 8 bytes
+per tagged image (10 M images = 80 MB), whatever the URI lengths. Rows whose error is
+``unreadable`` are not counted as tagged: a transient read failure is retried by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+__all__ = ["RunState", "default_run_id", "run_dir", "TaggedIndex", "key_hashes"]
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = 1
+
+
+def default_run_id(model_pinned: str, input_uri: str, output_uri: str) -> str:
+    """Hash of the run identity: same pinned model version, input and output -> same run id."""
+    text = json.dumps([model_pinned, input_uri.rstrip("/"), output_uri.rstrip("/")])
+    return "r" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_dir(output: str, run_id: str) -> str:
+    from mlc_ray import storage
+
+    return storage.join(output, "_runs", run_id)
+
+
+@dataclass
+class RunState:
+    """What a resumed run must reuse: its ``dt`` partition, model pin and shard listing."""
+
+    run_id: str
+    dt: str  # YYYY-MM-DD, the run's start date (UTC)
+    started_at: str  # ISO time of the first start
+    model: str  # pinned model URI (models:/NAME/VERSION or bundle dir)
+    input: str
+    output: str
+    listing_complete: bool = False
+    n_shards: int = 0
+    n_images: int = 0
+    attempts: int = 1  # how many times this run was started (1 = never resumed)
+    config: dict = field(default_factory=dict)
+    format_version: int = STATE_FORMAT
+
+    @staticmethod
+    def uri(output: str, run_id: str) -> str:
+        from mlc_ray import storage
+
+        return storage.join(run_dir(output, run_id), "state.json")
+
+    @classmethod
+    def new(cls, *, run_id: str, model: str, input: str, output: str, config: dict) -> RunState:
+        now = datetime.now(UTC)
+        return cls(
+            run_id=run_id,
+            dt=now.strftime("%Y-%m-%d"),
+            started_at=now.isoformat(timespec="seconds"),
+            model=model,
+            input=input,
+            output=output,
+            config=config,
+        )
+
+    @classmethod
+    def load(cls, output: str, run_id: str) -> RunState | None:
+        """The saved state, or None when this run never started."""
+        from mlc_ray import storage
+
+        uri = cls.uri(output, run_id)
+        try:
+            data = json.loads(storage.read_text(uri))
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise ValueError(f"{uri}: damaged run state ({exc}); delete it to restart run {run_id}") from None
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self) -> None:
+        from mlc_ray import storage
+
+        storage.write_text(self.uri(self.output, self.run_id), json.dumps(asdict(self), indent=2) + "\n")
+
+
+def key_hashes(uris: list[str], etags: list[str | None]) -> np.ndarray:
+    """64-bit hashes of (uri, etag) pairs (blake2b, 8 bytes): what TaggedIndex stores."""
+    out = np.empty(len(uris), dtype=np.uint64)
+    for i, (uri, etag) in enumerate(zip(uris, etags, strict=True)):
+        digest = hashlib.blake2b(f"{uri}\x00{etag or ''}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little")
+    return out
+
+
+class TaggedIndex:
+    """Sorted hashes of the (image_uri, source_etag) pairs one model version has already tagged."""
+
+    def __init__(self, hashes: np.ndarray, *, by_uri: bool = False) -> None:
+        self.hashes = np.unique(np.asarray(hashes, dtype=np.uint64))
+        self.by_uri = by_uri  # compare URIs only (manifest inputs: the listing knows no ETags)
+
+    def __len__(self) -> int:
+        return int(self.hashes.size)
+
+    @classmethod
+    def from_table(
+        cls, output: str, model_name: str, model_version: str, *, by_uri: bool = False
+    ) -> TaggedIndex:
+        """Stream the table under ``output`` (only 3 columns, rows of this model version) and keep the
+        hashes of the tagged images; ``by_uri`` ignores ETags (for manifest inputs)."""
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        from mlc_ray import storage
+
+        fs, path = storage.arrow_filesystem(output)
+        try:
+            dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        except (FileNotFoundError, OSError) as exc:
+            log.info("incremental: no existing table at %s (%s); every image is new", output, exc)
+            return cls(np.zeros(0, dtype=np.uint64), by_uri=by_uri)
+        names = set(dataset.schema.names)
+        if not {"image_uri", "source_etag", "model_name", "model_version", "error"} <= names:
+            return cls(np.zeros(0, dtype=np.uint64), by_uri=by_uri)
+        filt = (pc.field("model_name") == model_name) & (pc.field("model_version") == model_version)
+        chunks = []
+        for batch in dataset.to_batches(
+            columns=["image_uri", "source_etag", "error"], filter=filt, batch_size=65_536
+        ):
+            errors = batch.column("error").to_pylist()
+            keep = [not (e or "").startswith("unreadable") for e in errors]
+            uris = [u for u, k in zip(batch.column("image_uri").to_pylist(), keep, strict=True) if k]
+            etags = [t for t, k in zip(batch.column("source_etag").to_pylist(), keep, strict=True) if k]
+            chunks.append(key_hashes(uris, [None] * len(uris) if by_uri else etags))
+        return cls(np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64), by_uri=by_uri)
+
+    def contains(self, uris: list[str], etags: list[str | None]) -> np.ndarray:
+        """Boolean mask: which (uri, etag) pairs are already tagged."""
+        if not uris or self.hashes.size == 0:
+            return np.zeros(len(uris), dtype=bool)
+        h = key_hashes(uris, [None] * len(uris) if self.by_uri else etags)
+        pos = np.searchsorted(self.hashes, h)
+        pos = np.minimum(pos, self.hashes.size - 1)
+        return self.hashes[pos] == h

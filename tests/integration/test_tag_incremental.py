@@ -1,0 +1,46 @@
+"""``--incremental``: a scheduled rerun tags only the objects this model version has not tagged."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+import pytest
+
+from mlc_ray import storage
+from mlc_ray.tagging.config import TagConfig
+from tests.integration.test_tagging import make_bundle, read_table, upload_images
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> str:
+    return make_bundle(tmp_path_factory.mktemp("bundle-incr") / "tiny-tagger")
+
+
+def test_incremental_tags_exactly_the_new_and_changed_images(s3_server, ray_local, s3_bucket, bundle) -> None:
+    from mlc_ray.tagging.pipeline import run_tagging
+
+    storage.reset_clients()
+    prefix = f"s3://{s3_bucket}/in/"
+    output = f"s3://{s3_bucket}/tags"
+    first = upload_images(s3_bucket, "in", 120, with_bad=False)
+    base = TagConfig(
+        model=bundle, input=prefix, output=output, shard_size=64, batch_size=16, incremental=True
+    )
+    s1 = run_tagging(base)
+    assert s1.images == 120
+
+    added = upload_images(s3_bucket, "in", 50, start=10_000, with_bad=False)
+    assert not set(added) & set(first)
+    s2 = run_tagging(base)
+    assert s2.run_id != s1.run_id and s2.images == 50
+    table = read_table(output)
+    new_rows = table.filter(pc.equal(table.column("run_id"), s2.run_id))
+    assert sorted(new_rows.column("image_uri").to_pylist()) == sorted(added)
+    assert table.num_rows == 170 and len(set(table.column("image_uri").to_pylist())) == 170
+
+    # a changed object (new ETag) is tagged again; nothing new -> an empty run, exit clean
+    changed = sorted(first)[0]
+    storage.write_bytes(changed, storage.read_bytes(sorted(added)[0]))
+    s3 = run_tagging(base)
+    assert s3.images == 1
+    s4 = run_tagging(base)
+    assert s4.images == 0 and s4.shards == 0

@@ -1,0 +1,133 @@
+"""Listing and sharding for bulk tagging: streamed, deterministic, bounded; config and parallelism rules."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from mlc_ray.config import ConfigError
+from mlc_ray.tagging.config import TagConfig, parse_actors
+from mlc_ray.tagging.inputs import InputKey, Shard, ShardStore, is_manifest, iter_input_keys, iter_shards
+from mlc_ray.tagging.pipeline import _ShardBuffer, choose_parallelism
+from mlc_ray.tagging.state import RunState, TaggedIndex, default_run_id
+
+
+def _pages(n: int, page_size: int = 1000, consumed: list[int] | None = None):
+    for start in range(0, n, page_size):
+        page = [
+            InputKey(f"s3://b/img/{i:08d}.jpg", f"etag{i}") for i in range(start, min(n, start + page_size))
+        ]
+        if consumed is not None:
+            consumed.append(page[-1].uri)
+        yield page
+
+
+def test_shards_have_fixed_size_and_deterministic_identity() -> None:
+    a = list(iter_shards(_pages(2500, 300), 1000))
+    b = list(iter_shards(_pages(2500, 700), 1000))
+    assert [len(s) for s in a] == [1000, 1000, 500]
+    assert [s.index for s in a] == [0, 1, 2]
+    assert [s.digest for s in a] == [s.digest for s in b]  # page size does not change shard identity
+    assert a[0].digest != a[1].digest
+    assert [len(s) for s in iter_shards(_pages(2500), 1000, limit=1200)] == [1000, 200]
+
+
+def test_sharding_streams_without_materialising_the_listing() -> None:
+    consumed: list[str] = []
+    shards = iter_shards(_pages(1_000_000, 1000, consumed), 10_000)
+    first = next(shards)
+    assert len(first) == 10_000
+    assert len(consumed) == 10  # only the pages the first shard needed were pulled
+    # memory for 100,000 keys stays at about one shard's worth, not the listing's
+    tracemalloc.start()
+    for _ in range(10):
+        next(shards)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024  # ~1 shard + 1 page of keys; 100k held keys would be far more
+
+
+def test_shard_store_roundtrip(tmp_path) -> None:
+    store = ShardStore(str(tmp_path / "_runs" / "r1"))
+    shard = Shard(3, ("a.jpg", "b.jpg"), ("e1", None))
+    store.put(shard)
+    back = store.get(3)
+    assert back == shard and back.digest == shard.digest
+
+
+def test_local_prefix_listing_and_manifest_detection(tmp_path) -> None:
+    (tmp_path / "sub").mkdir()
+    for name in ("b.jpg", "a.PNG", "notes.txt", "sub/c.jpeg"):
+        (tmp_path / name).write_bytes(b"x")
+    uris = [k.uri for page in iter_input_keys(str(tmp_path)) for k in page]
+    assert [u.rsplit("/", 1)[-1] for u in uris] == ["a.PNG", "b.jpg", "c.jpeg"]
+    assert is_manifest("s3://b/m.csv") and is_manifest("x/m.parquet") and not is_manifest("s3://b/photos/")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images under"):
+        list(iter_input_keys(str(tmp_path / "empty")))
+
+
+def test_tagged_index_contains() -> None:
+    from mlc_ray.tagging.state import key_hashes
+
+    index = TaggedIndex(key_hashes(["a", "b"], ["1", "2"]))
+    assert index.contains(["a", "b", "a", "c"], ["1", "2", "changed", "1"]).tolist() == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert TaggedIndex(np.zeros(0, np.uint64)).contains(["a"], ["1"]).tolist() == [False]
+
+
+def test_run_identity_and_state(tmp_path) -> None:
+    rid = default_run_id("models:/m/3", "s3://b/in/", str(tmp_path))
+    assert rid == default_run_id("models:/m/3", "s3://b/in", str(tmp_path))
+    assert rid != default_run_id("models:/m/4", "s3://b/in", str(tmp_path))
+    assert RunState.load(str(tmp_path), rid) is None
+    state = RunState.new(run_id=rid, model="models:/m/3", input="s3://b/in", output=str(tmp_path), config={})
+    state.save()
+    assert RunState.load(str(tmp_path), rid).dt == state.dt
+
+
+def test_shard_buffer_dedupes_retried_rows() -> None:
+    import pyarrow as pa
+
+    shard = Shard(0, ("a", "b"), (None, None))
+    buf = _ShardBuffer(shard)
+
+    def part(pos):
+        return pa.table({"image_uri": [shard.uris[p] for p in pos], "_pos": pa.array(pos, pa.int32())})
+
+    buf.add(part([1]))
+    buf.add(part([1]))  # a retried block: replaces nothing, adds nothing
+    assert not buf.complete
+    buf.add(part([0, 0]))
+    assert buf.complete and buf.parts and sum(p.num_rows for p in buf.parts) == 2
+
+
+def test_config_validation() -> None:
+    assert parse_actors("2:8") == (2, 8) and parse_actors("3") == (3, 3) and parse_actors(None) is None
+    for bad in ("0:2", "4:2", "x"):
+        with pytest.raises(ConfigError):
+            parse_actors(bad)
+    with pytest.raises(ConfigError, match="backend"):
+        TagConfig(backend="tflite")
+    with pytest.raises(ConfigError, match="int8"):
+        TagConfig(backend="ncnn", precision="int8")
+    with pytest.raises(ConfigError, match="max_error_rate"):
+        TagConfig(max_error_rate=2.0)
+    with pytest.raises(ConfigError, match="run_id"):
+        TagConfig(run_id="a/b")
+
+
+def test_parallelism_rule_leaves_room_for_reads() -> None:
+    two = choose_parallelism(2)
+    assert (two.min_actors, two.threads_per_actor) == (1, 1)
+    sixteen = choose_parallelism(16)
+    assert sixteen.min_actors * sixteen.threads_per_actor <= 14
+    assert choose_parallelism(16, actors=(2, 4), threads_per_actor=3).max_actors == 4
+    gpu = choose_parallelism(16, cluster_gpus=2, use_gpu=True)
+    assert gpu.max_actors == 2 and gpu.gpus_per_actor == 1.0
