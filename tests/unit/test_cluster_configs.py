@@ -37,6 +37,29 @@ def load_job_module(name: str):
     return module
 
 
+def yaml_entrypoints(node) -> list[str]:
+    """Every `entrypoint:` / container command string in a YAML tree, including YAML documents held
+    as strings (a RayJob inside a ConfigMap)."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "entrypoint" and isinstance(value, str):
+                found.append(" ".join(value.split()))
+            else:
+                found += yaml_entrypoints(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += yaml_entrypoints(item)
+    elif isinstance(node, str) and "\n" in node and "jobs/" in node:
+        try:
+            found += yaml_entrypoints(yaml.safe_load(node))
+        except yaml.YAMLError:
+            found.append(node)
+    elif isinstance(node, str) and "jobs/" in node:
+        found.append(node)
+    return found
+
+
 def job_commands() -> list[tuple[str, str, list[str]]]:
     """(where, job name, argv) for every `python jobs/X.py ...` written in the docs and manifests."""
     found = []
@@ -44,11 +67,10 @@ def job_commands() -> list[tuple[str, str, list[str]]]:
         if not doc.exists():
             continue
         text = doc.read_text()
-        # YAML folded scalars (entrypoint: >-) put one flag per line: join continuation lines first.
-        text = re.sub(r"\\\n\s*", " ", text)
         if doc.suffix == ".yaml":
-            for entry in re.findall(r"entrypoint: >-\n((?:\s{4,}.*\n?)+)", text):
-                text += "\n" + " ".join(entry.split()) + "\n"
+            # the parsed entrypoints (folded scalars, RayJobs embedded in ConfigMaps), not the raw text
+            text = "\n".join(yaml_entrypoints([d for d in yaml.safe_load_all(text) if d is not None]))
+        text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
         for match in JOB_COMMAND.finditer(text):
             argv = shlex.split(match.group(3).replace("\n", " "), comments=False)
             argv = [a for a in argv if not a.startswith(("$(", ">", "2>"))]
@@ -84,7 +106,9 @@ def test_images_pin_the_project_ray_version() -> None:
     for path, text in texts.items():
         for image in re.findall(r"rayproject/ray:([\w.\-]+)", text):
             seen += 1
-            assert image.startswith(pinned + "-"), f"{path.name}: image rayproject/ray:{image} is not Ray {pinned}"
+            assert image.startswith(pinned + "-"), (
+                f"{path.name}: image rayproject/ray:{image} is not Ray {pinned}"
+            )
         for version in re.findall(r"rayVersion: ['\"]?([\d.]+)", text):
             seen += 1
             assert version == pinned, f"{path.name}: rayVersion {version} != installed Ray {pinned}"
