@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -303,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="/tmp/mlc-ray-bench")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--skip", default="", help="comma list of: ceiling,baseline,tag,int8,ncnn,scale,listing")
+    p.add_argument(
+        "--tag-args", default="", help="extra jobs/tag.py flags for every (c) run, e.g. '--actors 2'"
+    )
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    tag_args = shlex.split(args.tag_args)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"images": args.images, "cpus": os.cpu_count(), "notes": []}
+    results: dict = {"images": args.images, "cpus": os.cpu_count(), "tag_args": tag_args, "notes": []}
 
     images = make_images(work, args.images)
     moto, endpoint = start_moto(work)
@@ -336,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "ncnn" and not Path(bundle, "model.ncnn.param").exists():
                 continue
             results[f"c_tag_{name}"] = run_tag_job(
-                bundle, prefix, f"s3://{BUCKET}/out-{name}-{time.time_ns()}", extra
+                bundle, prefix, f"s3://{BUCKET}/out-{name}-{time.time_ns()}", extra + tag_args
             )
         if "scale" not in skip:
             upload("in4x", images, copies=args.scale)
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 bundle,
                 f"s3://{BUCKET}/in4x/",
                 f"s3://{BUCKET}/out-4x-{time.time_ns()}",
-                ["--precision", "fp32"],
+                ["--precision", "fp32", *tag_args],
             )
         if "listing" not in skip:
             results["d_listing"] = [listing_memory(work, 25_000), listing_memory(work, 100_000)]

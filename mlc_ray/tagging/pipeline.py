@@ -668,7 +668,12 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     storage.write_text(storage.join(rdir, "summary.json"), summary.to_json())
     if summary.error_rate_ok:
         storage.write_text(storage.join(rdir, "_SUCCESS"), summary.to_json())
-    log.info("tagging summary\n%s", summary.format())
+    log.info(
+        "tagging finished: %d images, %d errors, %.1f images/s",
+        summary.images,
+        summary.errors,
+        summary.images_per_s,
+    )
     if raise_on_error_rate and not summary.error_rate_ok:
         first = ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items())
         raise JobError(

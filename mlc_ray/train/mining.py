@@ -462,17 +462,21 @@ def run_mining_pipeline(cfg: Any) -> Any:
 
     from mlc_ray import storage
     from mlc_ray.calibrate import Thresholds
-    from mlc_ray.data.manifest import load_manifest, split_train_val
+    from mlc_ray.data.demo import ensure_demo_data
+    from mlc_ray.train.data import load_train_val
     from mlc_ray.train.scoring import score_manifest
 
     mcfg: MiningConfig = cfg.mining
-    work = storage.join(cfg.output_dir, "mining")
+    work = storage.join(cfg.run_dir, "mining")
 
     # [0] one explicit train/val split, written out, so base and fine-tune see the same val set
-    full = load_manifest(cfg.manifest)
-    train, val = split_train_val(full, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data_uri = str(cfg.data) if cfg.data is not None else ensure_demo_data()
+    split = load_train_val(
+        data_uri, val_data=cfg.val_data, labels=cfg.labels, val_fraction=cfg.val_fraction, seed=cfg.seed
+    )
+    train, val, vocabulary = split.train, split.val, list(split.vocabulary)
     split_uri = storage.join(work, "split_manifest.csv")
-    _write_split_manifest(train, val, split_uri, vocabulary=list(full.vocabulary))
+    _write_split_manifest(train, val, split_uri, vocabulary=vocabulary)
 
     experiment = getattr(cfg, "experiment", None)
     if experiment:
@@ -484,11 +488,15 @@ def run_mining_pipeline(cfg: Any) -> Any:
         mlflow.log_params({f"mining.{k}": v for k, v in dataclasses.asdict(mcfg).items()})
 
         # [a] base model on the whole training split
-        base_cfg = dataclasses.replace(
-            cfg,
-            manifest=split_uri,
+        # each stage is its own Ray Train run (its own checkpoints: the fine-tune must not resume the
+        # base run's), so rerunning the job resumes whichever stage was interrupted
+        base_cfg = cfg.replace(
+            data=split_uri,
+            val_data=None,
+            labels=None,
             mining=dataclasses.replace(mcfg, enabled=False),
-            output_dir=storage.join(cfg.output_dir, "base"),
+            run_name=f"{cfg.run_name}-base",
+            output=storage.join(work, "base-model"),
         )
         base = _train_in_nested_run(base_cfg, "base", parent_id)
 
@@ -517,28 +525,35 @@ def run_mining_pipeline(cfg: Any) -> Any:
 
         # [c] fine-tune from the base weights on mined (+ replay), validated on the same val split
         ft_uri = storage.join(work, "fine_tune_manifest.csv")
-        _write_split_manifest(
-            train.subset(list(mined.indices)), val, ft_uri, vocabulary=list(full.vocabulary)
-        )
-        ft_cfg = dataclasses.replace(
-            cfg,
-            manifest=ft_uri,
+        _write_split_manifest(train.subset(list(mined.indices)), val, ft_uri, vocabulary=vocabulary)
+        ft_cfg = cfg.replace(
+            data=ft_uri,
+            val_data=None,
+            labels=None,
             mining=dataclasses.replace(mcfg, enabled=False),
-            output_dir=storage.join(cfg.output_dir, "fine_tune"),
+            run_name=f"{cfg.run_name}-fine-tune",
+            output=cfg.bundle_dir,  # the job's model is the fine-tuned one
             epochs=mcfg.fine_tune_epochs,
+            warmup_epochs=min(cfg.warmup_epochs, float(mcfg.fine_tune_epochs)),
             lr=mcfg.fine_tune_lr if mcfg.fine_tune_lr is not None else cfg.lr / 5.0,
             init_from=base.bundle_dir,
         )
         fine = _train_in_nested_run(ft_cfg, "fine_tune", parent_id)
 
-        # [d] before/after on the same validation rows
+        # [d] before/after on the same validation rows, each model at its own calibrated thresholds
+        common, b_rows, f_rows = np.intersect1d(base.val_indices, fine.val_indices, return_indices=True)
+        if len(common) == 0:
+            raise ValueError("mining report: the base and fine-tuned runs share no validation rows")
         report = mining_report(
             scored.labels,
-            np.asarray(base.val_targets),
-            np.asarray(base.val_scores),
-            np.asarray(fine.val_scores),
+            np.asarray(base.val_targets)[b_rows],
+            np.asarray(base.val_scores)[b_rows],
+            np.asarray(fine.val_scores)[f_rows],
+            thresholds=base.thresholds,
+            fine_tuned_thresholds=fine.thresholds,
             n_combinations=mcfg.report_combinations,
         )
+        fine.mining_report = report
         text = report.to_markdown()
         log.info("hard-sample mining, base vs fine-tuned on the validation split:\n%s", text)
         mlflow.log_text(text, "mining/mining_report.md")

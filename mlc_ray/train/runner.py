@@ -69,6 +69,7 @@ class TrainResult:
     val_manifest: Any = None  # the validation Manifest (rows that val_indices point into)
     train_manifest: Any = None  # the training Manifest (int8 calibration images for export)
     run_name: str = ""
+    mining_report: Any = None  # mlc_ray.train.mining.MiningReport when the job ran hard-sample mining
 
     def summary(self) -> str:
         """The table the job prints: per-label AP/F1, averages at 0.5 and calibrated, speed, run id."""
@@ -86,6 +87,12 @@ class TrainResult:
         ]
         for key in ("mAP", "micro_f1", "macro_f1", "samples_f1"):
             lines.append(f"{key:<22}{m05[key]:>10.4f}{mcal[key]:>12.4f}")
+        if self.mining_report is not None:
+            lines += [
+                "",
+                "hard-sample mining, base vs fine-tuned (validation):",
+                self.mining_report.to_markdown(),
+            ]
         lines += [
             "",
             f"wall time {self.wall_time_s:.1f} s, {self.epochs_trained} epochs trained "
@@ -497,11 +504,22 @@ def _export_and_register(cfg: TrainConfig, result: TrainResult) -> None:
         cfg.register_as,
         run_id=result.mlflow_run_id,
         command_line=command_line(),
-        tags={"manifest_sha256": result.train_manifest.sha256} if result.train_manifest is not None else None,
+        tags=_version_tags(cfg, result),
     )
     log.info(
         "registered %s version %s (alias challenger)", cfg.register_as, getattr(version, "version", version)
     )
+
+
+def _version_tags(cfg: TrainConfig, result: TrainResult) -> dict[str, str]:
+    """What promotion and audits need to know about the data behind a version: the manifest it was
+    trained on (promote.py's default evaluation data: its `val` rows) and that manifest's hash."""
+    from mlc_ray.data.demo import ensure_demo_data
+
+    tags = {"manifest_uri": str(cfg.data) if cfg.data is not None else ensure_demo_data()}
+    if result.train_manifest is not None:
+        tags["manifest_sha256"] = result.train_manifest.sha256
+    return tags
 
 
 MAX_EXPORT_CALIBRATION = 256  # training images for onnxruntime's int8 calibration

@@ -1,0 +1,89 @@
+"""Hard-sample mining as one job on a local Ray: base -> score the train split -> mine -> fine-tune.
+
+A tiny demo set and short stages: this checks the plumbing (nested MLflow runs, the mined manifest
+with its reasons, the fine-tune starting from the base weights on the same validation rows, the
+before/after report); whether mining helps on the full demo set is measured by the demo-scale run
+recorded in README.md's mining section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlc_ray.data.demo import generate_demo
+from mlc_ray.train.config import TrainConfig
+from mlc_ray.train.mining import MiningConfig
+from mlc_ray.train.runner import TrainResult, run_train_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def mined(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, TrainConfig, str]:
+    root = tmp_path_factory.mktemp("mining")
+    data = generate_demo(str(root / "demo"), seed=1, num_train=96, num_val=32, image_size=32)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = TrainConfig(
+        data=data,
+        storage_path=str(root / "runs"),
+        run_name="mine",
+        image_size=32,
+        epochs=2,
+        batch_size=16,
+        warmup_epochs=0.5,
+        experiment="test-mining",
+        mining=MiningConfig(enabled=True, top_k=8, fine_tune_epochs=1, replay_fraction=0.2),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)
+        result = run_train_job(cfg)
+    return result, cfg, uri
+
+
+def test_three_stages_are_nested_runs_under_one_parent(mined) -> None:
+    from mlflow import MlflowClient
+
+    result, cfg, uri = mined
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("test-mining")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlc_ray.mining") == "parent"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags.get("mlc_ray.mining.stage") for r in children) == ["base", "fine_tune", "score"]
+    assert parent.data.tags["mlc_ray.mining.fine_tune_run_id"] == result.mlflow_run_id
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "mining")}
+    assert {"mining/mined_manifest.csv", "mining/mining_report.md", "mining/mining_report.csv"} <= artifacts
+
+
+def test_mined_manifest_names_a_reason_per_sample(mined) -> None:
+    from mlc_ray.data.manifest import load_manifest
+
+    _, cfg, _ = mined
+    path = Path(cfg.run_dir) / "mining" / "mined_manifest.csv"
+    text = path.read_text().splitlines()
+    assert text[0].split(",")[-1] == "reason"
+    reasons = [line.rsplit(",", 1)[-1] for line in text[1:]]
+    assert reasons and all(reasons)
+    known = ("hard_positive", "hard_negative", "misclassified", "rare_combination", "replay")
+    assert all(part.split(":")[0] in known for r in reasons for part in r.strip('"').split(";"))
+    assert len(load_manifest(str(path))) == len(reasons)  # loads back as a manifest
+
+
+def test_fine_tune_is_the_job_model_and_the_report_compares_the_same_rows(mined) -> None:
+    result, cfg, _ = mined
+    assert result.run_name == "mine-fine-tune"
+    assert result.bundle_dir == cfg.bundle_dir and (Path(cfg.bundle_dir) / "thresholds.json").is_file()
+    assert (Path(cfg.run_dir) / "mining" / "base-model" / "model.pt").is_file()
+    report = result.mining_report
+    assert report is not None
+    assert [r["label"] for r in report.label_rows] == result.labels
+    assert sum(r["support"] for r in report.label_rows) == int(result.val_targets.sum())
+    assert report.combination_rows and all(0.0 <= r["acc_base"] <= 1.0 for r in report.combination_rows)
+    assert "hard-sample mining" in result.summary()
+    assert np.isfinite([r["f1_fine_tuned"] for r in report.label_rows]).all()
