@@ -13,6 +13,7 @@ want to resume needs an explicit ``--run-name``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -161,6 +162,12 @@ class TrainConfig:
             )
         if not self.storage_path:
             raise ValueError("storage_path must not be empty (a local dir or s3://bucket/prefix)")
+        # Local paths become absolute here, once: Ray Train workers do not run in the driver's working
+        # directory, and checkpoints, bundles and init_from must mean the same folder everywhere.
+        for name in ("storage_path", "output", "init_from", "pretrained"):
+            value = getattr(self, name)
+            if value and "://" not in str(value):
+                setattr(self, name, os.path.abspath(os.path.expanduser(str(value))))
         if not self.experiment:
             raise ValueError("experiment must not be empty")
 

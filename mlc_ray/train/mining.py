@@ -39,7 +39,7 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -297,6 +297,9 @@ class MiningReport:
     threshold_note: str
     label_rows: list[dict[str, Any]]  # label, support, f1_base, f1_fine_tuned, ap_base, ap_fine_tuned
     combination_rows: list[dict[str, Any]]  # combination, count, acc_base, acc_fine_tuned
+    # the rarest co-occurring label pairs (samples holding both, whatever else they hold: seed 000's
+    # "cat_dog"): pair, count, acc_base, acc_fine_tuned (exact match on those samples)
+    pair_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def to_markdown(self) -> str:
         def fmt(v: Any) -> str:
@@ -329,6 +332,18 @@ class MiningReport:
                 f"| {r['combination']} | {r['count']} | {fmt(r['acc_base'])} | {fmt(r['acc_fine_tuned'])} | "
                 f"{delta(r['acc_base'], r['acc_fine_tuned'])} |"
             )
+        if self.pair_rows:
+            out += [
+                "",
+                "| label pair (rarest co-occurrence first) | val samples with both | exact-match acc base "
+                "| fine-tuned | Δ |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for r in self.pair_rows:
+                out.append(
+                    f"| {r['pair']} | {r['count']} | {fmt(r['acc_base'])} | {fmt(r['acc_fine_tuned'])} | "
+                    f"{delta(r['acc_base'], r['acc_fine_tuned'])} |"
+                )
         return "\n".join(out) + "\n"
 
     def to_csv(self) -> str:
@@ -342,6 +357,10 @@ class MiningReport:
             lines.append(
                 f"combination,{_csv_cell(r['combination'])},{r['count']},{r['acc_base']:.6f},"
                 f"{r['acc_fine_tuned']:.6f},,"
+            )
+        for r in self.pair_rows:
+            lines.append(
+                f"pair,{_csv_cell(r['pair'])},{r['count']},{r['acc_base']:.6f},{r['acc_fine_tuned']:.6f},,"
             )
         return "\n".join(lines) + "\n"
 
@@ -428,7 +447,25 @@ def mining_report(
         note = "threshold " + (f"{th_base[0]:g}" if np.all(th_base == th_base[0]) else "per label (shared)")
     else:
         note = "each model's own calibrated thresholds"
-    return MiningReport(threshold_note=note, label_rows=rows, combination_rows=combos)
+    exact_b = (pred_base == targets.astype(bool)).all(axis=1)
+    exact_f = (pred_ft == targets.astype(bool)).all(axis=1)
+    pairs = []
+    for a in range(n_labels):
+        for b in range(a + 1, n_labels):
+            both = targets[:, a].astype(bool) & targets[:, b].astype(bool)
+            if both.any():
+                pairs.append((int(both.sum()), f"{labels[a]}+{labels[b]}", both))
+    pairs.sort(key=lambda p: (p[0], p[1]))
+    pair_rows = [
+        {
+            "pair": key,
+            "count": n,
+            "acc_base": float(exact_b[m].mean()),
+            "acc_fine_tuned": float(exact_f[m].mean()),
+        }
+        for n, key, m in pairs[:n_combinations]
+    ]
+    return MiningReport(threshold_note=note, label_rows=rows, combination_rows=combos, pair_rows=pair_rows)
 
 
 # ---- the three-stage pipeline ----------------------------------------------------------------------

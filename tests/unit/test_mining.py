@@ -187,7 +187,11 @@ def test_mining_report_tables() -> None:
     assert rows["cat"]["f1_fine_tuned"] == 1.0
     assert rows["dog"]["f1_fine_tuned"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 0))  # TP 3, FP 1
     assert report.max_label_f1_drop() == pytest.approx(0.0)
+    # the exact set cat+dog (count 2) is not among the 3 rarest sets, but as a co-occurring pair it is
+    assert report.pair_rows == [{"pair": "cat+dog", "count": 2, "acc_base": 0.0, "acc_fine_tuned": 1.0}]
     md = report.to_markdown()
-    assert "| cat+dog |" not in md and "| (none) | 1 |" in md and "threshold 0.5" in md
+    assert "| (none) | 1 |" in md and "threshold 0.5" in md
+    assert "| cat+dog | 2 | 0.0000 | 1.0000 | +1.0000 |" in md
     csv_lines = report.to_csv().splitlines()
-    assert csv_lines[0].startswith("kind,name,count") and len(csv_lines) == 1 + 2 + 3
+    assert csv_lines[0].startswith("kind,name,count") and len(csv_lines) == 1 + 2 + 3 + 1
+    assert csv_lines[-1].startswith("pair,cat+dog,2,")
