@@ -23,7 +23,7 @@ import pytest
 from mlc_ray.data.demo import generate_demo
 from tests.conftest import REPO_ROOT, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -63,6 +63,13 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            # every agent port of its own: the defaults (52365, ...) collide with any other Ray on the
+            # machine, and then the job agent never registers ("No available agent to submit job")
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
@@ -88,55 +95,72 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_training_to_completion(
-    ray_head: tuple[str, dict[str, str]], tmp_path: Path
-) -> None:
-    address, env = ray_head
-    data = generate_demo(str(tmp_path / "demo"), seed=2, num_train=64, num_val=16, image_size=48)
-    runs = tmp_path / "runs"
-    runtime_env = {
-        "env_vars": {
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "RAY_USAGE_STATS_ENABLED": "0",
-        },
-        "excludes": ["/.venv", "/.git", "/data", "/runs", "/mlruns", "/*.db"],
-    }
+def _submit(
+    address: str, env: dict[str, str], runtime_env: dict, job: list[str]
+) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- python jobs/...`, retried while the head's job agent starts."""
     command = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        ".",
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        "python",
-        "jobs/train.py",
-        "--data",
-        data,
-        "--epochs",
-        "1",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--storage-path",
-        str(runs),
-        "--run-name",
-        "submitted",
-        "--experiment",
-        "job-submit",
-    ]
+        RAY, "job", "submit", "--address", address, "--working-dir", ".",
+        "--runtime-env-json", json.dumps(runtime_env), "--", "python", *job,
+    ]  # fmt: skip
     deadline = time.monotonic() + 300
     while True:  # the head's job agent comes up a little after `ray start` returns
         proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=420)
         if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
-            break
+            return proc
         time.sleep(3)
+
+
+def test_ray_job_submit_train_promote_tag(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """The cluster/README.md walk-through on a local head: train (tiny) + register, promote, tag."""
+    import pyarrow.dataset as pads
+
+    address, env = ray_head
+    data = generate_demo(str(tmp_path / "demo"), seed=2, num_train=64, num_val=16, image_size=48)
+    runs, tags = tmp_path / "runs", tmp_path / "tags"
+    runtime_env = {
+        "env_vars": {
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "MLC_RAY_MODEL_CACHE": str(tmp_path / "model-cache"),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        },
+        "excludes": ["/.venv", "/.git", "/data", "/runs", "/tags", "/mlruns", "/*.db"],
+    }
+    train = [
+        "jobs/train.py", "--data", data, "--epochs", "1", "--image-size", "32", "--batch-size", "16",
+        "--storage-path", str(runs), "--run-name", "submitted", "--experiment", "job-submit",
+        "--register-as", "submitted-tagger",
+    ]  # fmt: skip
+    proc = _submit(address, env, runtime_env, train)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]
     assert "succeeded" in logs.lower()
     assert "MLflow run id:" in logs and "model bundle:" in logs
     assert (runs / "submitted" / "model" / "thresholds.json").is_file()
+
+    # first promotion: no champion yet, allowed with a message; the job's exit status is ray's
+    proc = _submit(address, env, runtime_env, ["jobs/promote.py", "--name", "submitted-tagger"])
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs.lower() and "champion" in logs
+
+    tag = [
+        "jobs/tag.py", "--model", "models:/submitted-tagger@champion", "--input", data,
+        "--output", str(tags), "--max-error-rate", "0",
+    ]  # fmt: skip
+    proc = _submit(address, env, runtime_env, tag)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs.lower()
+    table = pads.dataset(str(tags), format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 80  # every image of the manifest, once
+    assert set(table.column("model_alias").to_pylist()) == {"champion"}
+
+    # a failing job's status reaches the submitter: unknown alias -> the job fails, one clear line
+    proc = _submit(
+        address, env, runtime_env,
+        ["jobs/tag.py", "--model", "models:/submitted-tagger@nope", "--input", data, "--output", str(tags)],
+    )  # fmt: skip
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "failed" in logs.lower()
+    assert "error:" in logs and "nope" in logs

@@ -398,3 +398,58 @@ def test_parse_uri_verify_and_report_without_a_server(tmp_path: Path) -> None:
     tags = decision.audit_tags("candidate")
     assert tags["promotion.decision"] == "refused" and tags["promotion.champion_value"] == "0.600000"
     assert sum(k.startswith("promotion.log.") for k in tags) == 1
+
+
+def test_trained_model_end_to_end_through_the_server(
+    mlflow_server: MlflowServer, ray_local: None, tmp_path: Path
+) -> None:
+    """train (tiny) -> export + register -> promote -> pyfunc in a fresh process == the ONNX path."""
+    from mlflow import MlflowClient
+
+    from mlc_ray.data.demo import generate_demo
+    from mlc_ray.registry import promote
+    from mlc_ray.train.config import TrainConfig
+    from mlc_ray.train.runner import run_train_job
+
+    data = generate_demo(str(tmp_path / "demo"), seed=4, num_train=64, num_val=16, image_size=32)
+    cfg = TrainConfig(
+        data=data,
+        storage_path=str(tmp_path / "runs"),
+        run_name="e2e",
+        image_size=32,
+        epochs=1,
+        batch_size=16,
+        warmup_epochs=0.5,
+        experiment="registry-e2e",
+        register_as="trained-e2e",
+    )
+    result = run_train_job(cfg)
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("trained-e2e", "challenger")
+    assert version.run_id == result.mlflow_run_id
+    assert {"sha256.model.onnx", "sha256.thresholds.json", "command_line"} <= set(version.tags)
+    decision = promote("trained-e2e", candidate="challenger")  # the version's own val split
+    assert decision.promoted and decision.exit_code == 0
+
+    bundle = Path(cfg.bundle_dir)
+    uris = [str(Path(data).parent / f"images/{i:05d}.jpg") for i in range(6)]
+    script = FRESH_PROCESS.replace("models:/reg-test@champion", "models:/trained-e2e@champion")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(uris), str(tmp_path / "missing.jpg")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.split("RESULT", 1)[1])
+    expected = onnx_reference(bundle, [Path(u).read_bytes() for u in uris])
+    labels = json.loads((bundle / "labels.json").read_text())
+    thresholds = json.loads((bundle / "thresholds.json").read_text())
+    for i, row in enumerate(rows[: len(uris)]):
+        assert row["error"] is None
+        np.testing.assert_allclose([s["score"] for s in row["scores"]], expected[i], rtol=0, atol=1e-6)
+        want = [lab for lab, p, t in zip(labels, expected[i], thresholds["thresholds"], strict=True) if p >= t]
+        assert row["labels"] == want
+    assert rows[-1]["error"] and rows[-1]["labels"] == []  # a missing file is an error row

@@ -153,23 +153,35 @@ def test_one_row_per_image_with_errors_as_rows(first_run, images, bundle) -> Non
     assert storage.exists(f"{cfg.output}/_runs/{summary.run_id}/_SUCCESS")
 
 
-def test_labels_equal_the_onnx_scorer(first_run, images, bundle) -> None:
-    """The pyfunc model scores with BundleScorer: the table must hold the same predictions."""
-    from mlc_ray.calibrate import Thresholds
-    from mlc_ray.evaluation import BundleScorer
+def test_labels_equal_the_pyfunc_model(first_run, images, bundle) -> None:
+    """The registered pyfunc model (mlc_ray/pyfunc_model.py, as MLflow loads it) on the same images:
+    the table must hold its labels and scores, bad images included as errors."""
+    import pandas as pd
+    from mlflow.pyfunc import PythonModelContext
+
+    from mlc_ray.pyfunc_model import ImageTaggerModel
 
     cfg, _ = first_run
     _, expected = images
     good = sorted(u for u, c in expected.items() if c is None and "/photos/" in u)[:60]
-    scorer = BundleScorer(bundle)
-    scores, errors = scorer.score_bytes([storage.read_bytes(u) for u in good])
-    assert all(e is None for e in errors)
-    predicted = Thresholds.load(os.path.join(bundle, "thresholds.json")).apply(scores)
+    bad = sorted(u for u, c in expected.items() if c is not None)[:3]
+    files = {"onnx": "model.onnx", "labels": "labels.json", "preprocess": "preprocess.json"}
+    files["thresholds"] = "thresholds.json"
+    model = ImageTaggerModel()
+    model.load_context(PythonModelContext({k: os.path.join(bundle, f) for k, f in files.items()}, None))
+    predicted = model.predict(None, pd.DataFrame({"image": good + bad}))
     rows = {r["image_uri"]: r for r in read_table(cfg.output).to_pylist()}
-    for i, uri in enumerate(good):
-        assert rows[uri]["labels"] == [LABELS[j] for j in np.flatnonzero(predicted[i])]
-        table_scores = [s["score"] for s in rows[uri]["scores"]]
-        np.testing.assert_allclose(table_scores, scores[i], atol=1e-5)
+    assert predicted["error"].iloc[: len(good)].isna().all()
+    for _, p in predicted.iterrows():
+        row = rows[p["image"]]
+        assert row["labels"] == list(p["labels"])
+        if pd.isna(p["error"]):  # pandas 3 string columns hold NaN for a missing value
+            np.testing.assert_allclose(
+                [s["score"] for s in row["scores"]], [s["score"] for s in p["scores"]], atol=1e-5
+            )
+            assert [s["label"] for s in row["scores"]] == LABELS
+        else:
+            assert row["error"].split(":", 1)[0] == p["error"].split(":", 1)[0]
 
 
 def test_table_reads_in_duckdb_and_pandas_with_the_schema(first_run, tmp_path) -> None:
