@@ -12,11 +12,13 @@ S3 filesystem must not cross a fork.
 
 Choices worth knowing:
 
-* **Atomic writes.** Locally: write ``<name>.tmp-<uuid>`` in the same folder, then ``os.replace``.
+* **Atomic writes.** Locally: write ``.<name>.tmp-<uuid>`` in the same folder, then ``os.replace``.
   On S3 ``write_bytes`` is one ``PutObject``: S3 never shows a partially written object under a key,
   so one PUT is already atomic. ``upload_file`` (large files, multipart) uploads to
-  ``<key>.tmp-<uuid>``, copies to the final key, then deletes the temp key, so a crash never leaves
-  a partial object under the final name (a stray temp key at worst; listings skip them).
+  ``<folder>/.<name>.tmp-<uuid>``, copies to the final key, then deletes the temp key, so a crash
+  never leaves a partial object under the final name (a stray temp key at worst; listings skip
+  them, and the leading ``.`` hides them from table readers: pyarrow datasets, Athena, Spark and
+  Hive skip names that start with ``.`` or ``_``, so a killed commit cannot duplicate rows).
 * **Listings are streams.** ``iter_pages`` yields one page (<= ``page_size`` objects) per S3
   request and walks local folders lazily, one folder at a time, sorted per folder so the order
   is deterministic. A prefix names a *folder*: ``s3://b/images`` lists ``images/...``, not
@@ -57,6 +59,7 @@ __all__ = [
     "BucketNotFoundError",
     "StorageUnreachableError",
     "StorageCredentialsError",
+    "InvalidURIError",
     "is_s3",
     "join",
     "exists",
@@ -98,6 +101,10 @@ class StorageCredentialsError(UserError, PermissionError):
     """No AWS credentials were found for an s3:// URI."""
 
 
+class InvalidURIError(UserError, ValueError):
+    """Not a usable URI (e.g. ``s3:///key``: no bucket); a user error, shown as one line by the jobs."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listed object: its full URI, size in bytes, and ETag (S3; ``""`` for local files)."""
@@ -118,7 +125,7 @@ def is_s3(uri: str) -> bool:
 def _split_s3(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"bad S3 URI {uri!r}: expected s3://bucket/key")
+        raise InvalidURIError(f"bad S3 URI {uri!r}: expected s3://bucket/key")
     key = uri[len("s3://") + len(parsed.netloc) :].lstrip("/")
     return parsed.netloc, key
 
@@ -138,12 +145,14 @@ def join(uri: str, *parts: str) -> str:
 
 
 def is_temp_name(name: str) -> bool:
-    """True for the in-flight temp names this module writes (``<name>.tmp-<32 hex>``)."""
+    """True for the in-flight temp names this module writes (``.<name>.tmp-<32 hex>``)."""
     return bool(_TEMP_RE.search(name))
 
 
 def _temp_name(name: str) -> str:
-    return f"{name}{_TEMP_MARK}{uuid.uuid4().hex}"
+    # hidden (leading '.') beside the target: readers of a folder/partition never pick it up
+    folder, sep, base = name.rpartition("/")
+    return f"{folder}{sep}.{base}{_TEMP_MARK}{uuid.uuid4().hex}"
 
 
 # ----------------------------------------------------------------------------------------------

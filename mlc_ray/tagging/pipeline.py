@@ -18,7 +18,8 @@
    more, no less, in the shard's order) it writes the shard's Parquet file under a temporary name
    and commits it under its deterministic name. Committed shards are skipped on a rerun, so a
    killed driver or actor never loses or duplicates a row: Ray Data retries a task whose actor
-   died, and a shard is only committed whole.
+   died (at most ``PREDICTOR_MAX_TASK_RETRIES`` times: an input that kills its actor every time
+   fails the run with a clear error instead of retrying forever), and a shard is only committed whole.
 5. **Summarise**: counts and errors by code in ``summary.json`` (+ ``_SUCCESS`` when the error rate
    is within ``--max-error-rate``) under the run's state directory, and a table in the log.
 
@@ -76,6 +77,12 @@ log = logging.getLogger(__name__)
 EXIT_ERROR_RATE = 1  # the job's exit code when the error rate is above --max-error-rate
 WINDOW_KEYS = 50_000  # keys per Ray Dataset: bounds the driver's buffered results
 READ_BLOCK_KEYS = 64  # keys per read task
+# Bounded on purpose: Ray Data's actor pools default to unlimited actor restarts *and* unlimited
+# task retries, so an input that crashes its actor's process every time (a decoder bug in a C
+# library, a model that aborts) would be retried forever and the job would never end. A batch
+# whose actor dies is retried this many times (a lost node or an OOM kill is survived), then the
+# run fails with a message naming the shards left; committed shards stay and a rerun resumes.
+PREDICTOR_MAX_TASK_RETRIES = 4
 ROUTING_COLUMNS = (pa.field("_shard", pa.int32()), pa.field("_pos", pa.int32()))
 PREDICTOR_OUTPUT_SCHEMA = pa.schema([*TAG_TABLE_SCHEMA, *ROUTING_COLUMNS])
 # Test/chaos hook: when set to a path that does not exist yet, the first Predictor call creates it
@@ -410,6 +417,8 @@ def _list_shards(
     digests: list[str] = []
     n_images = 0
     for shard in iter_shards(pages, cfg.shard_size, limit=cfg.limit):
+        if not digests:
+            state.save()  # the input exists: from here on the run is resumable
         store.put(shard)
         digests.append(shard.digest)
         n_images += len(shard)
@@ -544,10 +553,11 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         run_id += "-i" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     state = RunState.load(cfg.output, run_id)
     if state is None:
+        # saved by _list_shards with the first shard: an input that lists nothing (wrong URI,
+        # missing bucket, empty prefix) fails the job without leaving anything under the output
         state = RunState.new(
             run_id=run_id, model=model.pinned, input=input_uri, output=cfg.output, config=config_to_dict(cfg)
         )
-        state.save()
     else:
         if state.model != model.pinned:
             raise UserError(
@@ -716,25 +726,44 @@ def _tag_window(
         num_cpus=par.threads_per_actor,
         num_gpus=par.gpus_per_actor if cfg.use_gpu else None,
         fn_constructor_kwargs=predictor_kwargs,
+        # no named parameter for it in Ray 2.60: a (deprecated, until 2.64) ray_remote_args key
+        max_task_retries=PREDICTOR_MAX_TASK_RETRIES,
     )
-    for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        shard_ids = np.asarray(part.column("_shard").to_numpy(zero_copy_only=False))
-        for index in np.unique(shard_ids):
-            buf = buffers.get(int(index))
-            if buf is None:
-                continue  # already committed (a retried block after its shard was whole)
-            buf.add(part.filter(pa.array(shard_ids == index)))
-            if buf.complete:
-                table = buf.table()
-                uri = writer.commit(table, buf.shard.index, buf.shard.digest)
-                codes = Counter(error_code(e) for e in table.column("error").to_pylist() if e)
-                storage.write_text(
-                    storage.join(counts_dir, f"shard-{buf.shard.index:06d}.json"),
-                    json.dumps({"rows": table.num_rows, "errors": dict(codes), "file": uri}),
-                )
-                summary.images_this_attempt += table.num_rows
-                del buffers[int(index)]
-                log.info("committed shard %d (%d rows) -> %s", buf.shard.index, table.num_rows, uri)
+    actor_deaths = (
+        ray.exceptions.ActorDiedError,
+        ray.exceptions.ActorUnavailableError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.NodeDiedError,
+    )
+    try:
+        for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            shard_ids = np.asarray(part.column("_shard").to_numpy(zero_copy_only=False))
+            for index in np.unique(shard_ids):
+                buf = buffers.get(int(index))
+                if buf is None:
+                    continue  # already committed (a retried block after its shard was whole)
+                buf.add(part.filter(pa.array(shard_ids == index)))
+                if buf.complete:
+                    table = buf.table()
+                    uri = writer.commit(table, buf.shard.index, buf.shard.digest)
+                    codes = Counter(error_code(e) for e in table.column("error").to_pylist() if e)
+                    storage.write_text(
+                        storage.join(counts_dir, f"shard-{buf.shard.index:06d}.json"),
+                        json.dumps({"rows": table.num_rows, "errors": dict(codes), "file": uri}),
+                    )
+                    summary.images_this_attempt += table.num_rows
+                    del buffers[int(index)]
+                    log.info("committed shard %d (%d rows) -> %s", buf.shard.index, table.num_rows, uri)
+    except actor_deaths as exc:  # a batch outlived PREDICTOR_MAX_TASK_RETRIES: stop, bounded
+        left = {i: int((~b.seen).sum()) for i, b in buffers.items()}
+        raise JobError(
+            f"inference crashed: a batch's actor died {PREDICTOR_MAX_TASK_RETRIES + 1} times "
+            f"({type(exc).__name__}), so an input probably crashes the decoder or the model every time "
+            f"(or a node keeps failing); shards {sorted(left)} are not committed ({sum(left.values())} images "
+            f"without rows), {len(shards) - len(left)} shard(s) of this window are; rerunning resumes the run "
+            "(remove the crashing image first: the worker logs name the batch)",
+            exit_code=1,
+        ) from exc
     if buffers:
         missing = {i: int((~b.seen).sum()) for i, b in buffers.items()}
         raise RuntimeError(f"shards {missing} did not receive all their rows; rerun to resume the run")

@@ -1,0 +1,279 @@
+"""Security: hostile keys, hostile pickles, altered artifacts, and secrets that must not leak.
+
+Faults:
+
+* an S3 model bundle holding hostile keys (``../x``, ``/x`` after a double slash, ``..``) — nothing
+  may be written outside the local cache, whatever ``resolve_model`` decides;
+* state dicts / checkpoints whose pickle runs code when loaded (``__reduce__`` -> ``open(marker,
+  "w")``) — every loader refuses them (``weights_only=True``) and the marker is never created; and
+  every ``torch.load`` in ``mlc_ray`` passes ``weights_only=True`` (read from the source, AST);
+* a model version whose *cached* copy is altered after download — it is verified against its
+  sha256 tags and downloaded again before use (the stored-artifact case is in test_bad_inputs.py);
+* canary secrets in the environment of the job drivers (``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_SESSION_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``): a 1-epoch ``jobs/train.py`` and a
+  ``jobs/tag.py`` run; the test greps their stdout/stderr, the Ray session logs, MLflow (params,
+  tags, metrics names, the database file, artifacts), training storage (checkpoints, bundle) and
+  the tag table (decoded rows and every object under the output) for the canary values.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlc_ray import storage
+from tests.chaos import support
+from tests.chaos.support import MODEL_NAME
+from tests.conftest import REPO_ROOT
+from tests.integration.test_tagging import read_table, upload_images
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+
+BUCKET = "chaos-security"
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def test_hostile_bundle_keys_never_escape_the_cache(s3_server, tiny_bundle, tmp_path: Path) -> None:
+    import boto3
+
+    from mlc_ray.registry import resolve_model
+
+    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=BUCKET)
+    storage.reset_clients()
+    client = storage.s3_client()
+    name = f"escape-{uuid.uuid4().hex[:8]}"
+    for f in Path(tiny_bundle).iterdir():
+        client.put_object(Bucket=BUCKET, Key=f"bundles/evil/{f.name}", Body=f.read_bytes())
+    hostile = [f"bundles/evil/../{name}-dotdot", f"bundles/evil//tmp/{name}-abs", "bundles/evil/.."]
+    for key in hostile:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"pwned")
+    stored = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="bundles/")["Contents"]}
+    assert set(hostile) <= stored  # the server keeps them literally: the client must defend itself
+
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"'\.\.'"):
+        resolve_model(f"s3://{BUCKET}/bundles/evil", cache)
+    client.delete_object(Bucket=BUCKET, Key="bundles/evil/..")  # without the '..' key it resolves...
+    resolved = resolve_model(f"s3://{BUCKET}/bundles/evil", cache)
+    files = sorted(p.name for p in Path(resolved.local_dir).iterdir())
+    assert files == sorted(p.name for p in Path(tiny_bundle).iterdir())  # ...to the bundle's own files
+    assert Path(resolved.local_dir).resolve().is_relative_to(cache.resolve())
+    # where an escape would land: beside the download's temp dir (/tmp), at an absolute path, in the test dir
+    escaped = [*Path("/tmp").glob(f"{name}*"), *tmp_path.rglob(f"{name}*"), *Path.cwd().glob(f"{name}*")]
+    assert escaped == [], escaped
+
+
+# ---------------------------------------------------------------------------------------------- pickles
+
+
+class _RunsCodeWhenLoaded:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.marker), "w"))
+
+
+def _hostile(path: Path, marker: Path, nest: str | None = None) -> Path:
+    payload: dict = {"backbone.features.0.weight": torch.zeros(1), "evil": _RunsCodeWhenLoaded(marker)}
+    torch.save({nest: payload} if nest else payload, path)
+    return path
+
+
+def test_hostile_pickles_are_refused_by_every_loader(tiny_bundle, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from ray.train import Checkpoint
+
+    from mlc_ray.bundle import ModelBundle
+    from mlc_ray.models import create_model
+    from mlc_ray.models import load_pretrained as load_pretrained_fn
+    from mlc_ray.train.loop import STATE_FILE, _init_weights
+    from mlc_ray.train.runner import _load_checkpoint
+    from mlc_ray.train.scoring import load_bundle_model
+
+    marker = tmp_path / "code-ran"
+    # a bundle whose model.pt is hostile (model.json for the loaders that build the model first)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "model.json").write_text(json.dumps({"arch": "mobilenet_v1", "num_labels": 7, "width": 0.25}))
+    _hostile(bundle / "model.pt", marker)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _hostile(ckpt / STATE_FILE, marker, nest="model")
+    state_dict = _hostile(tmp_path / "weights.pt", marker)
+
+    loaders = {
+        "create_model(pretrained=)": lambda: create_model(
+            "mobilenet_v1", 7, width=0.25, pretrained=str(state_dict)
+        ),
+        "load_pretrained": lambda: load_pretrained_fn(
+            create_model("mobilenet_v1", 7, width=0.25), str(state_dict)
+        ),
+        "ModelBundle.load_model": lambda: ModelBundle(str(bundle)).load_model(),
+        "scoring.load_bundle_model": lambda: load_bundle_model(str(bundle)),
+        "train init_from (checkpoint dir)": lambda: _init_weights(_tagger(), str(ckpt)),
+        "train init_from (bundle dir)": lambda: _init_weights(_tagger(), str(bundle)),
+        "runner._load_checkpoint": lambda: _load_checkpoint(Checkpoint.from_directory(str(ckpt))),
+    }
+    refused = {}
+    for name, load in loaders.items():
+        with pytest.raises(Exception) as info:  # noqa: PT011 - each loader words it its own way
+            load()
+        refused[name] = type(info.value).__name__
+        assert "Weights only load failed" in str(info.value), (name, info.value)  # refused for the pickle
+        assert not marker.exists(), f"{name} ran the pickle's code"
+    assert torch.load(state_dict, weights_only=False) is not None and marker.exists()  # the payload is live
+    print("[chaos] hostile pickles refused:", refused)
+
+
+def _tagger():
+    from mlc_ray.data.images import PreprocessConfig
+    from mlc_ray.models import ImageTagger, create_model
+
+    return ImageTagger(create_model("mobilenet_v1", 7, width=0.25), PreprocessConfig(image_size=32))
+
+
+def test_every_torch_load_in_the_library_is_weights_only() -> None:
+    calls = []
+    for path in sorted((REPO_ROOT / "mlc_ray").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+            ):
+                base = node.func.value
+                if isinstance(base, ast.Name) and base.id == "torch":
+                    kw = {k.arg: k.value for k in node.keywords}
+                    safe = (
+                        isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                    )
+                    calls.append((f"{path.relative_to(REPO_ROOT)}:{node.lineno}", safe))
+    assert len(calls) >= 5, calls  # the loaders are where we think they are
+    assert [c for c, safe in calls if not safe] == []
+
+
+# ---------------------------------------------------------------------------------------------- sha256
+
+
+def test_cached_model_altered_after_download_is_verified_and_replaced(tracking, tmp_path: Path) -> None:
+    from mlc_ray.registry import resolve_model
+
+    cache = tmp_path / "cache"
+    first = resolve_model(f"models:/{MODEL_NAME}/{tracking['good']}", cache)
+    onnx = Path(first.local_dir) / "model.onnx"
+    good_bytes = onnx.read_bytes()
+    onnx.write_bytes(b"\x00" * 64)  # someone (or a disk) changes the cached copy
+    again = resolve_model(f"models:/{MODEL_NAME}/{tracking['good']}", cache)
+    assert Path(again.local_dir, "model.onnx").read_bytes() == good_bytes  # re-downloaded, verified
+
+
+# ---------------------------------------------------------------------------------------------- canaries
+
+
+def _grep(root: Path, needles: list[str]) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{path}: {n[:12]}..." for n in needles if n.encode() in data]
+    return hits
+
+
+def test_canary_secrets_never_reach_logs_mlflow_or_the_table(
+    s3_server, chaos_ray, fault_proxy, tracking, tmp_path: Path
+) -> None:
+    import boto3
+    import mlflow
+    import ray
+    from mlflow import MlflowClient
+
+    from mlc_ray.data.demo import generate_demo
+
+    canaries = {
+        "AWS_SECRET_ACCESS_KEY": f"CANARYaws{uuid.uuid4().hex}",
+        "AWS_SESSION_TOKEN": f"CANARYtoken{uuid.uuid4().hex}",
+        "MLFLOW_TRACKING_PASSWORD": f"CANARYmlflow{uuid.uuid4().hex}",
+    }
+    needles = list(canaries.values())
+    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=f"{BUCKET}-canary")
+    storage.reset_clients()
+    uris = sorted(upload_images(f"{BUCKET}-canary", "in", 12, with_bad=False))
+    data = generate_demo(str(tmp_path / "demo"), seed=2, num_train=16, num_val=8, image_size=32)
+    train_db = f"sqlite:///{tmp_path / 'train-mlflow.db'}"
+    work = tmp_path / "work"
+    work.mkdir()
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    base_env = {**os.environ, **canaries, "MLFLOW_TRACKING_USERNAME": "chaos", "PYTHONPATH": path}
+    driver = [sys.executable, "-m", "tests.chaos.driver", "--ray-address", chaos_ray,
+              "--worker-env", f"AWS_ENDPOINT_URL={fault_proxy.endpoint}"]  # fmt: skip
+
+    train = subprocess.run(
+        [*driver, "--job", "train", "--", "--data", data, "--epochs", "1", "--batch-size", "8",
+         "--image-size", "32", "--width", "0.25", "--num-workers", "1", "--storage-path", str(tmp_path / "runs"),
+         "--run-name", "canary", "--experiment", "chaos-canary", "--max-error-rate", "0.5"],
+        cwd=work, env={**base_env, "MLFLOW_TRACKING_URI": train_db},
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
+    output = f"s3://{BUCKET}-canary/tags"
+    tag = subprocess.run(
+        [*driver, "--", "--model", f"models:/{MODEL_NAME}/{tracking['good']}", "--input", f"s3://{BUCKET}-canary/in/",
+         "--output", output, "--shard-size", "6", "--actors", "1", "--threads-per-actor", "1"],
+        cwd=work, env={**base_env, "MLFLOW_TRACKING_URI": tracking["uri"], "MLC_RAY_MODEL_CACHE": str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert tag.returncode == 0, tag.stdout[-2000:] + tag.stderr[-3000:]
+
+    assert output in tag.stdout + tag.stderr and "canary" in train.stdout + train.stderr  # logs are captured
+    leaks: list[str] = []
+    for name, proc in (("train", train), ("tag", tag)):
+        leaks += [f"{name} stdout/stderr" for n in needles if n in proc.stdout + proc.stderr]
+    # MLflow: every param, tag and metric name of every run of the training experiment, and the raw stores
+    mlflow.set_tracking_uri(train_db)
+    client = MlflowClient(train_db)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert runs and any(r.data.params for r in runs)  # we are looking at the run the job logged
+    for r in runs:
+        text = repr(r.data.params) + repr(r.data.tags) + repr(list(r.data.metrics))
+        leaks += [f"mlflow run {r.info.run_id} params/tags" for n in needles if n in text]
+    mlflow.set_tracking_uri(tracking["uri"])
+    for mv in MlflowClient(tracking["uri"]).search_model_versions(f"name='{MODEL_NAME}'"):
+        leaks += [f"model version {mv.version} tags" for n in needles if n in repr(mv.tags)]
+    leaks += _grep(tmp_path, needles)  # sqlite db files, ./mlruns artifacts, checkpoints, bundle, cache
+    leaks += _grep(Path(tracking["root"]), needles)
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    leaks += _grep(session / "logs", needles)
+    # the tag table: decoded rows, and every object under the output (state, shard lists, summary)
+    table = read_table(output)
+    counts = support.table_counts(table.column("image_uri").to_pylist(), uris)
+    rows_text = repr(table.to_pylist())
+    leaks += ["tag table rows" for n in needles if n in rows_text]
+    for info in storage.iter_objects(output):
+        body = storage.read_bytes(info.uri)
+        leaks += [f"{info.uri}" for n in needles if n.encode() in body]
+    support.record(
+        "test_canary_secrets_never_leak",
+        "canary AWS secret/session token + MLflow password in the drivers' env (train + tag)",
+        len(canaries),
+        len(uris),
+        counts.rows,
+        counts.duplicates,
+        counts.missing,
+    )
+    assert (counts.rows, counts.duplicates, counts.missing) == (len(uris), 0, 0)
+    assert leaks == [], leaks
