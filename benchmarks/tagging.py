@@ -136,21 +136,9 @@ def make_bundle(work: Path, images: list[bytes]) -> tuple[str, list[str]]:
     pre = PreprocessConfig(image_size=IMAGE_SIZE)
     tagger = ImageTagger(create_model("mobilenet_v2", NUM_LABELS), pre).eval()
     torch.save(tagger.state_dict(), root / "model.pt")
-    try:
-        from mlc_ray.export.onnx import export_onnx
+    from mlc_ray.export.onnx import export_onnx
 
-        export_onnx(tagger, str(root / "model.onnx"), image_size=IMAGE_SIZE)
-    except ImportError:
-        torch.onnx.export(
-            tagger.with_sigmoid(),
-            (torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8),),
-            str(root / "model.onnx"),
-            input_names=["images"],
-            output_names=["probabilities"],
-            dynamic_axes={"images": {0: "n"}, "probabilities": {0: "n"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    export_onnx(tagger, str(root / "model.onnx"), image_size=IMAGE_SIZE)
     labels = [f"label{i:02d}" for i in range(NUM_LABELS)]
     (root / "labels.json").write_text(json.dumps(labels))
     (root / "preprocess.json").write_text(pre.to_json())

@@ -43,21 +43,9 @@ def make_bundle(root: Path) -> str:
     torch.manual_seed(0)
     pre = PreprocessConfig(image_size=IMAGE_SIZE)
     tagger = ImageTagger(create_model("mobilenet_v1", len(LABELS), width=0.25), pre).eval()
-    try:
-        from mlc_ray.export.onnx import export_onnx
+    from mlc_ray.export.onnx import export_onnx
 
-        export_onnx(tagger, str(root / "model.onnx"), image_size=IMAGE_SIZE)
-    except ImportError:  # the export module not there yet: the same graph by hand
-        torch.onnx.export(
-            tagger.with_sigmoid(),
-            (torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8),),
-            str(root / "model.onnx"),
-            input_names=["images"],
-            output_names=["probabilities"],
-            dynamic_axes={"images": {0: "n"}, "probabilities": {0: "n"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    export_onnx(tagger, str(root / "model.onnx"), image_size=IMAGE_SIZE)
     (root / "labels.json").write_text(json.dumps(LABELS))
     (root / "preprocess.json").write_text(pre.to_json())
     Thresholds(labels=LABELS, values=[0.5] * len(LABELS), method="fixed").save(str(root / "thresholds.json"))
