@@ -450,6 +450,8 @@ def test_trained_model_end_to_end_through_the_server(
     for i, row in enumerate(rows[: len(uris)]):
         assert row["error"] is None
         np.testing.assert_allclose([s["score"] for s in row["scores"]], expected[i], rtol=0, atol=1e-6)
-        want = [lab for lab, p, t in zip(labels, expected[i], thresholds["thresholds"], strict=True) if p >= t]
+        want = [
+            lab for lab, p, t in zip(labels, expected[i], thresholds["thresholds"], strict=True) if p >= t
+        ]
         assert row["labels"] == want
     assert rows[-1]["error"] and rows[-1]["labels"] == []  # a missing file is an error row
