@@ -306,12 +306,27 @@ def test_resolve_bundle_directory(registered: dict, tmp_path: Path) -> None:
 FRESH_PROCESS = """
 import json, sys
 import mlflow, pandas as pd
-model = mlflow.pyfunc.load_model("models:/reg-test@champion")
-uris = json.loads(sys.argv[1])
-images = uris + [open(uris[0], "rb").read(), sys.argv[2]]
+model = mlflow.pyfunc.load_model(sys.argv[1])
+uris = json.loads(sys.argv[2])
+images = uris + [open(uris[0], "rb").read(), sys.argv[3]]
 out = model.predict(pd.DataFrame({"image": images}))
 print("RESULT" + out.to_json(orient="records"))
 """
+
+
+def predict_in_fresh_process(model_uri: str, uris: list[str], bad_uri: str) -> list[dict]:
+    """``mlflow.pyfunc.load_model(model_uri).predict`` in a new interpreter on the URIs, the first
+    image's bytes and ``bad_uri``; the rows as JSON records."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, model_uri, json.dumps(uris), bad_uri],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
 def test_pyfunc_champion_in_fresh_process_matches_onnx(registered: dict, color_data: str) -> None:
@@ -328,16 +343,7 @@ def test_pyfunc_champion_in_fresh_process_matches_onnx(registered: dict, color_d
 
     root = Path(color_data).parent
     uris = [str(root / f"images/{i:03d}.jpg") for i in range(6)]
-    proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, json.dumps(uris), str(root / "corrupt.jpg")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.split("RESULT", 1)[1])
+    rows = predict_in_fresh_process("models:/reg-test@champion", uris, str(root / "corrupt.jpg"))
     assert len(rows) == len(uris) + 2
 
     data = [Path(u).read_bytes() for u in uris]
@@ -433,17 +439,7 @@ def test_trained_model_end_to_end_through_the_server(
 
     bundle = Path(cfg.bundle_dir)
     uris = [str(Path(data).parent / f"images/{i:05d}.jpg") for i in range(6)]
-    script = FRESH_PROCESS.replace("models:/reg-test@champion", "models:/trained-e2e@champion")
-    proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(uris), str(tmp_path / "missing.jpg")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.split("RESULT", 1)[1])
+    rows = predict_in_fresh_process("models:/trained-e2e@champion", uris, str(tmp_path / "missing.jpg"))
     expected = onnx_reference(bundle, [Path(u).read_bytes() for u in uris])
     labels = json.loads((bundle / "labels.json").read_text())
     thresholds = json.loads((bundle / "thresholds.json").read_text())
