@@ -27,20 +27,35 @@ def test_incremental_tags_exactly_the_new_and_changed_images(s3_server, ray_loca
     )
     s1 = run_tagging(base)
     assert s1.images == 120
+    # a read that failed transiently in run 1 (an `unreadable` row) is retried by the next run, by
+    # contract; on a loaded machine the local S3 server can drop one, so the test counts them
+    retried = unreadable_uris(output, s1.run_id)
+    assert retried <= set(first)
 
     added = upload_images(s3_bucket, "in", 50, start=10_000, with_bad=False)
     assert not set(added) & set(first)
     s2 = run_tagging(base)
-    assert s2.run_id != s1.run_id and s2.images == 50
+    assert s2.run_id != s1.run_id
+    assert s2.images == 50 + len(retried), f"run 1 errors {s1.errors_by_code}, retried {sorted(retried)}"
     table = read_table(output)
     new_rows = table.filter(pc.equal(table.column("run_id"), s2.run_id))
-    assert sorted(new_rows.column("image_uri").to_pylist()) == sorted(added)
-    assert table.num_rows == 170 and len(set(table.column("image_uri").to_pylist())) == 170
+    assert sorted(new_rows.column("image_uri").to_pylist()) == sorted(set(added) | retried)
+    assert len(set(table.column("image_uri").to_pylist())) == 170
+    assert table.num_rows == 170 + len(retried)
 
     # a changed object (new ETag) is tagged again; nothing new -> an empty run, exit clean
     changed = sorted(first)[0]
     storage.write_bytes(changed, storage.read_bytes(sorted(added)[0]))
     s3 = run_tagging(base)
-    assert s3.images == 1
+    retried = unreadable_uris(output, s2.run_id)
+    assert s3.images == 1 + len(retried - {changed})
     s4 = run_tagging(base)
-    assert s4.images == 0 and s4.shards == 0
+    again = unreadable_uris(output, s3.run_id)
+    assert s4.images == len(again) and (again or s4.shards == 0)
+
+
+def unreadable_uris(output: str, run_id: str) -> set[str]:
+    """The images a run recorded as `unreadable` (what ``--incremental`` retries)."""
+    table = read_table(output)
+    rows = table.filter(pc.equal(table.column("run_id"), run_id)).to_pylist()
+    return {r["image_uri"] for r in rows if (r["error"] or "").startswith("unreadable")}
