@@ -19,6 +19,12 @@ So the same seed gives the same faulty keys and the same number of faults, whate
 a client that retries at least ``fail_first`` times reads every object; one that does not loses
 exactly the faulty keys.
 
+**Stalled writes** (for interrupting an upload midway): with ``stall_pattern`` (a regex on
+``bucket/key``) set, the writes (PUT: a single upload or one part of a multipart upload) to the
+``stall_nth``-th distinct key that matches are held: never forwarded, the connection kept open
+until ``stall_release`` is posted (or 300 s pass), then reset. ``stalled`` in the counters lists
+the keys whose writes are being or were held, so a test can kill the writer while it waits.
+
 Control endpoint (not forwarded): ``GET /__faults__`` returns the counters as JSON;
 ``POST /__faults__`` with a JSON body sets ``fraction``, ``fail_first``, ``seed``, ``kinds`` and
 resets the counters.
@@ -30,6 +36,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import re
 import socket
 import struct
 import threading
@@ -64,6 +71,26 @@ class FaultPlan:
             self.faulty_keys: set[str] = set()
             self.requests = 0
             self.object_gets = 0
+            self.stall_pattern = settings.get("stall_pattern") or None
+            self.stall_nth = int(settings.get("stall_nth", 1))
+            self.stall_matches: list[str] = []  # distinct keys that matched, in order
+            self.stalled: list[str] = []
+            if hasattr(self, "release"):
+                self.release.set()  # writes held under the old settings are let go (reset)
+            self.release = threading.Event()
+
+    def stall_for(self, key: str) -> threading.Event | None:
+        """The event to wait on before resetting this write of ``key``, or None to forward it."""
+        with self.lock:
+            if not self.stall_pattern or not re.search(self.stall_pattern, key):
+                return None
+            if key not in self.stall_matches:
+                self.stall_matches.append(key)
+            if self.stall_matches.index(key) + 1 != self.stall_nth:
+                return None
+            if key not in self.stalled:
+                self.stalled.append(key)
+            return self.release
 
     def _score(self, key: str) -> int:
         return int(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest()[:8], 16)
@@ -96,6 +123,9 @@ class FaultPlan:
                 "injected": dict(self.injected),
                 "injected_total": sum(self.injected.values()),
                 "faulty_keys": sorted(self.faulty_keys),
+                "stall_pattern": self.stall_pattern,
+                "stall_matches": list(self.stall_matches),
+                "stalled": list(self.stalled),
             }
 
 
@@ -148,12 +178,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
 
     def _object_key(self) -> str | None:
-        """``bucket/key`` for a path-style GET of an object (None for listings and buckets)."""
+        """``bucket/key`` for a path-style request on an object (None for listings and buckets)."""
         parts = urlsplit(self.path)
         path = unquote(parts.path).lstrip("/")
         if "/" not in path or path.endswith("/"):
             return None
-        if any(
+        if self.command == "GET" and any(
             q.split("=")[0] in ("list-type", "uploads", "uploadId", "delimiter")
             for q in parts.query.split("&")
         ):
@@ -184,6 +214,13 @@ class _Handler(BaseHTTPRequestHandler):
                     xml,
                 )
                 return
+        if self.command == "PUT":
+            key = self._object_key()
+            release = self.server.plan.stall_for(key) if key else None
+            if release is not None:
+                release.wait(300)
+                self._reset()
+                return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers.pop("Content-Length", None)
         if body or self.command in ("PUT", "POST"):
@@ -211,7 +248,11 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path != CONTROL_PATH:
             return False
         if self.command == "POST":
-            self.server.plan.configure(**json.loads(self._body() or b"{}"))
+            settings = json.loads(self._body() or b"{}")
+            if settings.pop("stall_release", False):
+                self.server.plan.release.set()
+            if settings:
+                self.server.plan.configure(**settings)
         data = json.dumps(self.server.plan.stats()).encode()
         self._send(200, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))], data)
         return True
