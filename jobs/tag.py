@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-rate", type=float, help="fail above this error fraction (default 0.05)")
     p.add_argument("--limit", type=int, help="tag at most N images")
     p.add_argument("--shard-size", type=int, help="keys per shard / Parquet file (default 10000)")
+    p.add_argument(
+        "--batch-timeout-s",
+        type=float,
+        help="a batch running longer is taken as hung; an image that hangs every time gets a "
+        "`timeout` row (default 600)",
+    )
     p.add_argument("--run-id", help="name the run (default: hash of model version, input, output)")
     p.add_argument("--config", help="YAML file with TagConfig keys; flags override it")
     p.add_argument("-v", "--verbose", action="store_true")

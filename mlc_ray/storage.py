@@ -85,6 +85,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ATTEMPTS = 10
+# Set on purpose, not left to botocore: an endpoint that accepts a connection and never answers
+# costs an attempt at most this long (then the retry layers above treat it as transient).
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
 _TEMP_MARK = ".tmp-"
 _TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
@@ -197,6 +201,8 @@ def s3_client() -> Any:
             endpoint = s3_endpoint()
             config = Config(
                 retries={"mode": "standard", "max_attempts": _max_attempts()},
+                connect_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=READ_TIMEOUT_S,
                 max_pool_connections=32,
                 # custom endpoints (moto, MinIO, gateways) address buckets by path, not by DNS name
                 s3={"addressing_style": "path"} if endpoint else None,
@@ -227,6 +233,8 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
             if fs is None:
                 kwargs: dict[str, Any] = {
                     "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts()),
+                    "connect_timeout": CONNECT_TIMEOUT_S,
+                    "request_timeout": READ_TIMEOUT_S,
                 }
                 region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                 if region:

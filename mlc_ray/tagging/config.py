@@ -55,6 +55,9 @@ class TagConfig:
     read_threads: int = 16  # concurrent object reads inside one read task (I/O bound)
     read_retries: int = 5  # attempts per object on transient errors (after boto3's own retries)
     model_cache: str | None = None  # where resolved model files are cached (None = registry default)
+    # an inference batch running longer than this is taken as hung: its actor exits, the batch is
+    # retried, and an image that hangs every time ends as a `timeout` row (pipeline docstring)
+    batch_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -82,6 +85,8 @@ class TagConfig:
             raise ConfigError(f"threads_per_actor: expected an integer >= 1, got {self.threads_per_actor!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit: expected an integer >= 1, got {self.limit!r}")
+        if isinstance(self.batch_timeout_s, bool) or not float(self.batch_timeout_s) > 0:
+            raise ConfigError(f"batch_timeout_s: expected seconds > 0, got {self.batch_timeout_s!r}")
         if not 0.0 <= float(self.max_error_rate) <= 1.0:
             raise ConfigError(f"max_error_rate: expected a fraction in [0, 1], got {self.max_error_rate!r}")
         parse_actors(self.actors)  # validate now, not after the listing

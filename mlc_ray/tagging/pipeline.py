@@ -18,8 +18,15 @@
    more, no less, in the shard's order) it writes the shard's Parquet file under a temporary name
    and commits it under its deterministic name. Committed shards are skipped on a rerun, so a
    killed driver or actor never loses or duplicates a row: Ray Data retries a task whose actor
-   died (at most ``PREDICTOR_MAX_TASK_RETRIES`` times: an input that kills its actor every time
-   fails the run with a clear error instead of retrying forever), and a shard is only committed whole.
+   died (at most ``PREDICTOR_MAX_TASK_RETRIES`` times), and a shard is only committed whole.
+   **Poison images**: a batch running longer than ``--batch-timeout-s`` makes its actor exit (a
+   watchdog thread), so a hang becomes an actor death too. When a batch's actor has died
+   ``PREDICTOR_MAX_TASK_RETRIES + 1`` times, the window's dataset stops and the images of its
+   uncommitted shards are *isolated*: tagged again in small Ray tasks (``max_retries=0``), a group
+   whose process dies (or outlives the timeout: cancelled) is split in halves until the image is
+   alone; alone, it gets ``ISOLATION_ATTEMPTS`` tries, then its row says ``crashed: ...`` or
+   ``timeout: ...``. The job goes on; more than ``ISOLATION_MAX_IMAGES`` such images in one window
+   means the model or the machine is broken, not an image: the run fails with a clear error.
 5. **Summarise**: counts and errors by code in ``summary.json`` (+ ``_SUCCESS`` when the error rate
    is within ``--max-error-rate``) under the run's state directory, and a table in the log.
 
@@ -54,6 +61,8 @@ from mlc_ray.tagging.config import DEMO_MODEL_URI, TagConfig
 from mlc_ray.tagging.inputs import Shard, ShardStore, is_manifest, iter_input_keys, iter_shards
 from mlc_ray.tagging.state import RunState, TaggedIndex, default_run_id, run_dir
 from mlc_ray.tagging.table import (
+    ERROR_CRASHED,
+    ERROR_TIMEOUT,
     ERROR_UNREADABLE,
     TAG_TABLE_SCHEMA,
     Provenance,
@@ -83,6 +92,8 @@ READ_BLOCK_KEYS = 64  # keys per read task
 # whose actor dies is retried this many times (a lost node or an OOM kill is survived), then the
 # run fails with a message naming the shards left; committed shards stay and a rerun resumes.
 PREDICTOR_MAX_TASK_RETRIES = 4
+ISOLATION_ATTEMPTS = 2  # tries of an isolated single image before its row says crashed/timeout
+ISOLATION_MAX_IMAGES = 20  # more crashing images than this in one window: the run fails instead
 ROUTING_COLUMNS = (pa.field("_shard", pa.int32()), pa.field("_pos", pa.int32()))
 PREDICTOR_OUTPUT_SCHEMA = pa.schema([*TAG_TABLE_SCHEMA, *ROUTING_COLUMNS])
 # Test/chaos hook: when set to a path that does not exist yet, the first Predictor call creates it
@@ -90,6 +101,20 @@ PREDICTOR_OUTPUT_SCHEMA = pa.schema([*TAG_TABLE_SCHEMA, *ROUTING_COLUMNS])
 CHAOS_EXIT_ONCE_ENV = "MLC_RAY_CHAOS_PREDICTOR_EXIT_ONCE"
 # Test/chaos hook: seconds each Predictor call sleeps (lets a test kill the driver mid-run).
 CHAOS_DELAY_ENV = "MLC_RAY_CHAOS_PREDICTOR_DELAY_S"
+
+
+def _actor_deaths() -> tuple[type[BaseException], ...]:
+    import ray
+
+    return (
+        ray.exceptions.ActorDiedError,
+        ray.exceptions.ActorUnavailableError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.TaskCancelledError,
+    )
+
+
 _TRANSIENT_CODES = {
     "SlowDown",
     "503",
@@ -212,9 +237,12 @@ class Predictor:
         provenance: dict,
         threads: int = 1,
         use_gpu: bool = False,
+        batch_timeout_s: float | None = None,
         chaos_exit_once: str | None = None,
         chaos_delay_s: float = 0.0,
     ) -> None:
+        import threading
+
         import ray
 
         from mlc_ray.data.images import PreprocessConfig
@@ -230,6 +258,26 @@ class Predictor:
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
         self.chaos_exit_once = chaos_exit_once
         self.chaos_delay_s = float(chaos_delay_s)
+        self.batch_timeout_s = batch_timeout_s
+        self._busy_since: float | None = None
+        if batch_timeout_s:
+            threading.Thread(target=self._watchdog, name="batch-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """Exit the process when a batch outlives ``batch_timeout_s``: a hung decoder or model call
+        cannot be interrupted from Python, but a dead actor is retried (bounded), then isolated."""
+        assert self.batch_timeout_s
+        while True:
+            time.sleep(min(1.0, self.batch_timeout_s / 4))
+            started = self._busy_since
+            if started is not None and time.monotonic() - started > self.batch_timeout_s:
+                log.error(
+                    "a batch has run %.0f s (> batch_timeout_s %.0f s): exiting this actor so the batch "
+                    "is retried, and its images isolated if it hangs again",
+                    time.monotonic() - started,
+                    self.batch_timeout_s,
+                )
+                os._exit(1)
 
     def _prepare(
         self, item: tuple[bytes | None, str | None]
@@ -247,6 +295,13 @@ class Predictor:
         return preprocess_eval(decoded.array, self.preprocess), decoded.width, decoded.height, None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self._busy_since = time.monotonic()
+        try:
+            return self._tag(batch)
+        finally:
+            self._busy_since = None
+
+    def _tag(self, batch: pa.Table) -> pa.Table:
         if self.chaos_exit_once and not os.path.exists(self.chaos_exit_once):
             with open(self.chaos_exit_once, "w") as fh:
                 fh.write(str(os.getpid()))
@@ -643,6 +698,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             "provenance": provenance.to_dict(),
             "threads": par.threads_per_actor,
             "use_gpu": cfg.use_gpu,
+            "batch_timeout_s": float(cfg.batch_timeout_s),
             "chaos_exit_once": os.environ.get(CHAOS_EXIT_ONCE_ENV) or None,
             "chaos_delay_s": float(os.environ.get(CHAOS_DELAY_ENV) or 0.0),
         }
@@ -654,7 +710,14 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
                     raise RuntimeError(
                         f"{store.uri(shard.index)}: descriptor does not match the run's listing"
                     )
-            _tag_window(cfg, shards, par, predictor_kwargs, writer, counts_dir, summary)
+            stats = _tag_window(cfg, shards, par, predictor_kwargs, writer, counts_dir, summary)
+            # Ray Data's per-operator timings (read tasks, Predictor actors, the driver's wait):
+            # where a run's time went, kept beside its state for whoever tunes the job
+            stats_uri = storage.join(
+                run_dir(cfg.output, run_id), "stats", f"attempt-{state.attempts}-window-{w // window}.txt"
+            )
+            storage.write_text(stats_uri, stats)
+            log.info("Ray Data stats of this window: %s", stats_uri)
     wall_tag = time.monotonic() - t_tag
 
     # [5] totals over every shard of the run (earlier attempts included)
@@ -703,8 +766,9 @@ def _tag_window(
     writer: TagTableWriter,
     counts_dir: str,
     summary: TagSummary,
-) -> None:
-    """[3]+[4] one Ray Dataset over a window of shards; commit each shard as soon as it is whole."""
+) -> str:
+    """[3]+[4] one Ray Dataset over a window of shards; commit each shard as soon as it is whole.
+    Returns the dataset's execution stats (``Dataset.stats()``)."""
     import ray
 
     from mlc_ray import storage
@@ -729,12 +793,20 @@ def _tag_window(
         # no named parameter for it in Ray 2.60: a (deprecated, until 2.64) ray_remote_args key
         max_task_retries=PREDICTOR_MAX_TASK_RETRIES,
     )
-    actor_deaths = (
-        ray.exceptions.ActorDiedError,
-        ray.exceptions.ActorUnavailableError,
-        ray.exceptions.WorkerCrashedError,
-        ray.exceptions.NodeDiedError,
-    )
+
+    def commit(buf: _ShardBuffer) -> None:
+        table = buf.table()
+        uri = writer.commit(table, buf.shard.index, buf.shard.digest)
+        codes = Counter(error_code(e) for e in table.column("error").to_pylist() if e)
+        storage.write_text(
+            storage.join(counts_dir, f"shard-{buf.shard.index:06d}.json"),
+            json.dumps({"rows": table.num_rows, "errors": dict(codes), "file": uri}),
+        )
+        summary.images_this_attempt += table.num_rows
+        del buffers[buf.shard.index]
+        log.info("committed shard %d (%d rows) -> %s", buf.shard.index, table.num_rows, uri)
+
+    actor_deaths = _actor_deaths()
     try:
         for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             shard_ids = np.asarray(part.column("_shard").to_numpy(zero_copy_only=False))
@@ -744,26 +816,166 @@ def _tag_window(
                     continue  # already committed (a retried block after its shard was whole)
                 buf.add(part.filter(pa.array(shard_ids == index)))
                 if buf.complete:
-                    table = buf.table()
-                    uri = writer.commit(table, buf.shard.index, buf.shard.digest)
-                    codes = Counter(error_code(e) for e in table.column("error").to_pylist() if e)
-                    storage.write_text(
-                        storage.join(counts_dir, f"shard-{buf.shard.index:06d}.json"),
-                        json.dumps({"rows": table.num_rows, "errors": dict(codes), "file": uri}),
-                    )
-                    summary.images_this_attempt += table.num_rows
-                    del buffers[int(index)]
-                    log.info("committed shard %d (%d rows) -> %s", buf.shard.index, table.num_rows, uri)
-    except actor_deaths as exc:  # a batch outlived PREDICTOR_MAX_TASK_RETRIES: stop, bounded
+                    commit(buf)
+    except actor_deaths as exc:  # a batch outlived PREDICTOR_MAX_TASK_RETRIES: isolate its images
         left = {i: int((~b.seen).sum()) for i, b in buffers.items()}
-        raise JobError(
-            f"inference crashed: a batch's actor died {PREDICTOR_MAX_TASK_RETRIES + 1} times "
-            f"({type(exc).__name__}), so an input probably crashes the decoder or the model every time "
-            f"(or a node keeps failing); shards {sorted(left)} are not committed ({sum(left.values())} images "
-            f"without rows), {len(shards) - len(left)} shard(s) of this window are; rerunning resumes the run "
-            "(remove the crashing image first: the worker logs name the batch)",
-            exit_code=1,
-        ) from exc
+        log.warning(
+            "a batch's actor died %d times (%s): tagging the %d images of shards %s without rows again "
+            "in small isolated tasks, to find the image(s) that crash or hang their process",
+            PREDICTOR_MAX_TASK_RETRIES + 1,
+            type(exc).__name__,
+            sum(left.values()),
+            sorted(left),
+        )
+        _isolate(cfg, par, predictor_kwargs, list(buffers.values()), cause=exc)
+        for buf in list(buffers.values()):
+            commit(buf)
+        return f"(no Ray Data stats: the window's dataset stopped at {type(exc).__name__}; isolated)\n"
     if buffers:
         missing = {i: int((~b.seen).sum()) for i, b in buffers.items()}
         raise RuntimeError(f"shards {missing} did not receive all their rows; rerun to resume the run")
+    return ds.stats()
+
+
+class _Isolator:
+    """Ray actor of the isolation pass: one warm Predictor (no watchdog: the driver times each call
+    from when it is sent to this idle, ready actor, and kills the actor when it is late)."""
+
+    def __init__(self, predictor_kwargs: dict, read_threads: int, read_retries: int) -> None:
+        self.predictor = Predictor(**{**predictor_kwargs, "batch_timeout_s": None})
+        self.read_threads, self.read_retries = read_threads, read_retries
+
+    def ready(self) -> bool:
+        return True
+
+    def tag(self, table: pa.Table) -> pa.Table:
+        return self.predictor(
+            read_objects(table, read_threads=self.read_threads, read_retries=self.read_retries)
+        )
+
+
+def _isolate(
+    cfg: TagConfig, par: Parallelism, predictor_kwargs: dict, buffers: list[_ShardBuffer], *, cause: Exception
+) -> None:
+    """Fill ``buffers``' missing rows by tagging their images again on isolation actors, halving each
+    group whose process dies or hangs until the image is alone (module docstring); fills every row."""
+    import ray
+
+    actor_cls = ray.remote(_Isolator).options(
+        num_cpus=par.threads_per_actor,
+        num_gpus=par.gpus_per_actor if cfg.use_gpu else None,
+        max_restarts=0,
+        max_task_retries=0,
+    )
+    by_index = {b.shard.index: b for b in buffers}
+    pending: list[tuple[pa.Table, int]] = []  # (group, failed tries of this exact group)
+    for buf in buffers:
+        missing = np.flatnonzero(~buf.seen)
+        for start in range(0, len(missing), cfg.batch_size):
+            pending.append((_key_table(buf.shard, missing[start : start + cfg.batch_size]), 0))
+    pending.reverse()  # pop() takes them in shard order
+    timeout = float(cfg.batch_timeout_s)
+    poisoned: list[str] = []
+    actor_deaths = _actor_deaths()
+
+    def new_actor() -> Any:
+        actor = actor_cls.remote(predictor_kwargs, cfg.read_threads, cfg.read_retries)
+        try:
+            ray.get(actor.ready.remote(), timeout=max(300.0, timeout))
+        except (*actor_deaths, ray.exceptions.GetTimeoutError) as exc:
+            raise JobError(
+                f"the isolation pass could not start an inference actor ({type(exc).__name__}) after "
+                f"{type(cause).__name__} in the tagging dataset; committed shards stay and a rerun resumes",
+                exit_code=1,
+            ) from exc
+        return actor
+
+    def route(part: pa.Table) -> None:
+        shard_ids = np.asarray(part.column("_shard").to_numpy(zero_copy_only=False))
+        for index in np.unique(shard_ids):
+            by_index[int(index)].add(part.filter(pa.array(shard_ids == index)))
+
+    def failed(group: pa.Table, tries: int, kind: str, detail: str) -> None:
+        if group.num_rows > 1:
+            half = group.num_rows // 2
+            pending.extend([(group.slice(half), 0), (group.slice(0, half), 0)])
+            return
+        if tries + 1 < ISOLATION_ATTEMPTS:
+            pending.append((group, tries + 1))
+            return
+        uri = group.column("image_uri")[0].as_py()
+        poisoned.append(uri)
+        log.error("%s: its process %s %d times with the image alone (%s)", uri, kind, tries + 1, detail)
+        if len(poisoned) > ISOLATION_MAX_IMAGES:
+            raise JobError(
+                f"more than {ISOLATION_MAX_IMAGES} images crashed or hung their process even when "
+                f"tagged alone (first: {poisoned[0]}): the model, the backend or the machine is broken, "
+                "not the images; committed shards stay and a rerun resumes the run",
+                exit_code=1,
+            ) from cause
+        code = ERROR_CRASHED if kind == "crashed" else ERROR_TIMEOUT
+        message = (
+            f"{code}: the process tagging this image {kind} {tries + 1} times with the image alone ({detail})"
+        )
+        route(_error_rows(group, message, predictor_kwargs))
+
+    actors = [new_actor() for _ in range(max(1, min(par.max_actors, len(pending))))]
+    idle = list(range(len(actors)))
+    in_flight: dict[Any, tuple[int, pa.Table, int, float]] = {}  # ref -> (slot, group, tries, sent)
+    try:
+        while pending or in_flight:
+            while pending and idle:
+                slot = idle.pop()
+                group, tries = pending.pop()
+                in_flight[actors[slot].tag.remote(group)] = (slot, group, tries, time.monotonic())
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                slot, group, tries, _ = in_flight.pop(ref)
+                try:
+                    route(ray.get(ref))
+                except actor_deaths as exc:
+                    actors[slot] = new_actor()
+                    failed(group, tries, "crashed", type(exc).__name__)
+                idle.append(slot)
+            now = time.monotonic()
+            for ref, (slot, group, tries, sent) in list(in_flight.items()):
+                if now - sent > timeout:
+                    del in_flight[ref]
+                    ray.kill(actors[slot])
+                    actors[slot] = new_actor()
+                    failed(group, tries, "hung", f"> {timeout:.0f} s, --batch-timeout-s")
+                    idle.append(slot)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    if poisoned:
+        log.warning("isolated %d image(s) that crash or hang their process: %s", len(poisoned), poisoned)
+
+
+def _key_table(shard: Shard, positions: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "_shard": pa.array([shard.index] * len(positions), pa.int32()),
+            "_pos": pa.array(positions, pa.int32()),
+            "image_uri": pa.array([shard.uris[p] for p in positions], pa.string()),
+            "source_etag": pa.array([shard.etags[p] for p in positions], pa.string()),
+        }
+    )
+
+
+def _error_rows(group: pa.Table, message: str, predictor_kwargs: dict) -> pa.Table:
+    n = group.num_rows
+    table = tag_rows(
+        image_uris=group.column("image_uri").to_pylist(),
+        source_etags=group.column("source_etag").to_pylist(),
+        label_names=predictor_kwargs["labels"],
+        scores=None,
+        predicted=None,
+        ok_rows=[],
+        widths=[None] * n,
+        heights=[None] * n,
+        errors=[message] * n,
+        provenance=Provenance.from_dict(predictor_kwargs["provenance"]),
+    )
+    table = table.append_column(ROUTING_COLUMNS[0], group.column("_shard"))
+    return table.append_column(ROUTING_COLUMNS[1], group.column("_pos"))

@@ -47,6 +47,8 @@ __all__ = [
     "TAG_TABLE_SCHEMA",
     "SCORE_TYPE",
     "ERROR_UNREADABLE",
+    "ERROR_CRASHED",
+    "ERROR_TIMEOUT",
     "Provenance",
     "tag_rows",
     "empty_tag_table",
@@ -78,6 +80,10 @@ TAG_TABLE_SCHEMA = pa.schema(
 # Error code for an object whose bytes could not be read (missing, denied, retries exhausted);
 # the decode codes come from mlc_ray.data.images.ERROR_CODES.
 ERROR_UNREADABLE = "unreadable"
+# Error codes for an image whose process died (``crashed``: a decoder or model crash) or hung
+# (``timeout``) every time it was tagged, alone, after its batch was isolated (pipeline docstring).
+ERROR_CRASHED = "crashed"
+ERROR_TIMEOUT = "timeout"
 
 
 class Provenance:

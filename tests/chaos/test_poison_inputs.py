@@ -5,20 +5,24 @@ Faults (inputs, mixed with good photos):
 * a real decompression bomb — a valid 9000x9000 PNG of zeros (81 MP, ~80 kB on disk, 243 MB of
   pixels decoded), below PIL's own bomb limit (89 MP) but above ``max_pixels`` (50 MP);
 * a JPEG whose frame header claims 60000x60000 (3.6 G pixels) over a tiny body;
-* an image that *crashes the decoder's process* (SIGSEGV, as a C-library bug would; the tier's
-  worker hook ``hooks.install_poison_decoder`` does it for bytes with the poison marker).
+* an image that *crashes the decoder's process* (SIGSEGV, as a C-library bug would) and one that
+  *hangs the decoder* forever (the tier's worker hook ``hooks.install_poison_decoder`` does both,
+  for bytes with the poison / hang markers).
 
 Expected: the bomb and the huge header fail their own row (``too_large``, from the header, before
-a pixel is decoded) and every other row is tagged; the crashing image does not hang the job or
-retry forever: its batch is retried ``PREDICTOR_MAX_TASK_RETRIES`` times (counted by the hook),
-then the run fails with one clear error naming the shards left, and shards already committed stay.
-The bounds are deliberate: ``DEFAULT_MAX_PIXELS`` (``mlc_ray.data.images``) and
-``PREDICTOR_MAX_TASK_RETRIES`` (``mlc_ray.tagging.pipeline``).
+a pixel is decoded) and every other row is tagged; the crashing and the hanging image fail their
+own row too (``crashed`` / ``timeout``) and the job succeeds, in bounded time and tries: a batch
+that outlives ``--batch-timeout-s`` makes its actor exit, a batch whose actor died
+``PREDICTOR_MAX_TASK_RETRIES + 1`` times stops the window, and its images are isolated (one image
+per task, ``ISOLATION_ATTEMPTS`` tries each, a hung task cancelled at the timeout). The bounds are
+deliberate: ``DEFAULT_MAX_PIXELS`` (``mlc_ray.data.images``), ``PREDICTOR_MAX_TASK_RETRIES``,
+``ISOLATION_ATTEMPTS`` and ``TagConfig.batch_timeout_s`` (``mlc_ray.tagging``).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -28,7 +32,7 @@ from PIL import Image
 
 from mlc_ray import storage
 from tests.chaos import support
-from tests.chaos.hooks import POISON_MARKER
+from tests.chaos.hooks import HANG_MARKER, POISON_MARKER
 from tests.integration.test_tagging import photo_jpeg, read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
@@ -113,45 +117,60 @@ def test_bomb_and_huge_header_fail_one_row_each(s3_server, chaos_ray, tiny_bundl
     assert summary.errors_by_code == {"too_large": 2}
 
 
-def test_decoder_crash_is_retried_a_bounded_number_of_times(
+def hang_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (7, 7, 7)).save(buf, "JPEG", comment=HANG_MARKER)
+    return buf.getvalue()
+
+
+def test_decoder_crash_and_hang_fail_their_own_row_in_bounded_tries(
     s3_server, chaos_ray, tiny_bundle, crash_log: Path, capsys
 ) -> None:
     import importlib.util
 
     import boto3
 
-    from mlc_ray.tagging.pipeline import PREDICTOR_MAX_TASK_RETRIES
+    from mlc_ray.tagging.pipeline import ISOLATION_ATTEMPTS, PREDICTOR_MAX_TASK_RETRIES
     from tests.conftest import REPO_ROOT
 
-    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=f"{BUCKET}-crash")
+    bucket = f"{BUCKET}-crash"
+    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=bucket)
     storage.reset_clients()
-    good = upload_images(f"{BUCKET}-crash", "in", 12, with_bad=False)
-    storage.s3_client().put_object(Bucket=f"{BUCKET}-crash", Key="in/zz-poison.jpg", Body=poison_jpeg())
+    good = upload_images(bucket, "in", 12, with_bad=False)
+    crasher, hanger = f"s3://{bucket}/in/photos/00004-crash.jpg", f"s3://{bucket}/in/photos/00009-hang.jpg"
+    storage.write_bytes(crasher, poison_jpeg())
+    storage.write_bytes(hanger, hang_jpeg())
     crash_log.unlink(missing_ok=True)
-    output = f"s3://{BUCKET}-crash/tags"
+    output = f"s3://{bucket}/tags"
     spec = importlib.util.spec_from_file_location("tag_job", REPO_ROOT / "jobs" / "tag.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     code = job.main(
-        ["--model", tiny_bundle, "--input", f"s3://{BUCKET}-crash/in/", "--output", output,
-         "--shard-size", "6", "--batch-size", "1", "--actors", "1", "--threads-per-actor", "1"]
+        ["--model", tiny_bundle, "--input", f"s3://{bucket}/in/", "--output", output,
+         "--shard-size", "7", "--batch-size", "2", "--actors", "1", "--threads-per-actor", "1",
+         "--batch-timeout-s", "3", "--max-error-rate", "0.2"]
     )  # fmt: skip
     err = capsys.readouterr().err
-    crashes = len(crash_log.read_text().splitlines()) if crash_log.exists() else 0
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    has_files = any("/dt=" in o.uri for o in storage.iter_objects(output))
-    committed = read_table(output).column("image_uri").to_pylist() if has_files else []
-    counts = support.table_counts(committed, good)
+    log = crash_log.read_text().split() if crash_log.exists() else []
+    crashes, hangs = log[0::2].count("crash"), log[0::2].count("hang")
+    rows = read_table(output).to_pylist()
+    counts = support.table_counts([r["image_uri"] for r in rows], set(good) | {crasher, hanger})
     support.record(
-        "test_decoder_crash_is_retried_a_bounded_number_of_times",
-        f"decoder SIGSEGV on 1 of {len(good) + 1} images (every attempt); run fails after bounded retries",
-        crashes,
-        len(good) + 1,
+        "test_decoder_crash_and_hang_fail_their_own_row",
+        f"decoder SIGSEGV on 1 and a hung decoder on 1 of {len(good) + 2} images, every attempt",
+        crashes + hangs,
+        len(good) + 2,
         counts.rows,
         counts.duplicates,
-        len(good) + 1 - counts.rows,
+        counts.missing,
     )
-    assert crashes == PREDICTOR_MAX_TASK_RETRIES + 1, err[-3000:]  # bounded: first try + retries, then stop
-    assert code == 1 and len(errors) == 1, err[-3000:]
-    assert "crash" in errors[0] and "shard" in errors[0], errors
-    assert counts.duplicates == 0 and f"s3://{BUCKET}-crash/in/zz-poison.jpg" not in committed
+    print(f"[chaos] decoder crashes {crashes}, hangs {hangs}")
+    assert code == 0, err[-3000:]
+    assert (counts.rows, counts.duplicates, counts.missing, counts.extra) == (14, 0, 0, 0)
+    failed = {r["image_uri"]: r["error"] for r in rows if r["error"]}
+    assert set(failed) == {crasher, hanger}, failed
+    assert failed[crasher].startswith("crashed:") and failed[hanger].startswith("timeout:"), failed
+    # bounded: the dataset's tries of its batch, one try per halving of that batch (2 images: one),
+    # then ISOLATION_ATTEMPTS tries of the image alone
+    bound = PREDICTOR_MAX_TASK_RETRIES + 1 + math.ceil(math.log2(2)) + ISOLATION_ATTEMPTS
+    assert ISOLATION_ATTEMPTS <= crashes <= bound and ISOLATION_ATTEMPTS <= hangs <= bound, log
