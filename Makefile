@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m mlc_ray.demo_pipeline
 
+# Two shards side by side (tests/run_shards.py); MLC_RAY_TEST_SHARDS=1 runs one serial pytest.
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m tests.run_shards $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)

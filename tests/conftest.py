@@ -126,6 +126,7 @@ def ray_local(s3_server: S3Server) -> Iterator[None]:
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # a new local Ray, never a cluster found on the machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

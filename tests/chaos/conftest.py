@@ -53,6 +53,7 @@ def chaos_ray(s3_server: S3Server, fault_proxy: support.FaultProxy, crash_log: P
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # a new local Ray, never a cluster found on the machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

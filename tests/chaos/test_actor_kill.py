@@ -35,12 +35,14 @@ ACTOR_TITLE = "MapBatches(Predictor)"
 
 
 def predictor_pids() -> set[int]:
+    """Predictor actor processes of *this* process's Ray clusters (its descendants): another test
+    process on the machine (``make test`` runs shards side by side) has Predictors of its own."""
     pids = set()
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if any(ACTOR_TITLE in part for part in proc.info["cmdline"] or ()):
+            if any(ACTOR_TITLE in part for part in proc.cmdline()):
                 pids.add(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return pids
 

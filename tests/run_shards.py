@@ -1,0 +1,93 @@
+"""Run the test suite as shards side by side: what ``make test`` calls.
+
+    python -m tests.run_shards [PYTEST ARGS...]
+
+Most of the suite's wall time is waiting (Ray clusters, job drivers and servers starting, training
+workers importing torch), not computing: about half the machine's CPU time is idle in a serial run.
+So two pytest processes run at once, each with its own S3 server, MLflow and local Ray clusters:
+
+* shard ``integration``: ``tests/integration`` but the mining pipeline;
+* shard ``chaos+unit``: ``tests/chaos``, ``tests/unit``, then ``tests/integration/test_mining_pipeline.py``
+  (so the two take about as long: measured 2026-12-01, 14.5 and 19.3 min before that move).
+
+Nothing is shared between them: every Ray a test starts is ``address="local"`` (or has its own
+temp dir), every server its own free port, and the chaos tests only touch processes descended from
+their own pytest process. Each shard's output is streamed with a ``[shard]`` prefix and kept in
+``.pytest-shards/<shard>.log``; the end repeats each shard's failure summary unprefixed, and the
+exit code is non-zero when any shard failed.
+
+``MLC_RAY_TEST_SHARDS=1`` runs one serial pytest instead; so do explicit test paths in the
+arguments (``make test PYTEST_ARGS=tests/unit``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MINING = "tests/integration/test_mining_pipeline.py"  # the longest module: balances the two shards
+SHARDS = {
+    "integration": ["tests/integration", f"--ignore={MINING}"],
+    "chaos+unit": ["tests/chaos", "tests/unit", MINING],
+}
+
+
+def _stream(name: str, proc: subprocess.Popen, log: Path, lock: threading.Lock) -> None:
+    with log.open("w") as fh:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            fh.write(line)
+            with lock:
+                sys.stdout.write(f"[{name}] {line}")
+                sys.stdout.flush()
+
+
+def _summary(text: str) -> str:
+    """The part of a pytest log from its "short test summary info" line on (or its last line)."""
+    lines = text.rstrip().splitlines()
+    for i, line in enumerate(lines):
+        if "short test summary info" in line:
+            return "\n".join(lines[i:])
+    return lines[-1] if lines else "(no output)"
+
+
+def main(argv: list[str]) -> int:
+    pytest = [sys.executable, "-m", "pytest"]
+    explicit_paths = any(not a.startswith("-") and Path(a.split("::")[0]).exists() for a in argv)
+    if os.environ.get("MLC_RAY_TEST_SHARDS") == "1" or explicit_paths:
+        return subprocess.call([*pytest, *argv], cwd=REPO_ROOT)
+    logs = REPO_ROOT / ".pytest-shards"
+    logs.mkdir(exist_ok=True)
+    lock = threading.Lock()
+    t0 = time.monotonic()
+    running = []
+    for name, paths in SHARDS.items():
+        proc = subprocess.Popen(
+            [*pytest, *paths, *argv],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        thread = threading.Thread(target=_stream, args=(name, proc, logs / f"{name}.log", lock), daemon=True)
+        thread.start()
+        running.append((name, proc, thread))
+    codes = {}
+    for name, proc, thread in running:
+        codes[name] = proc.wait()
+        thread.join()
+    wall = time.monotonic() - t0
+    print(f"\n{'=' * 30} shards: {wall:.0f} s wall {'=' * 30}")
+    for name, _, _ in running:
+        print(f"--- {name} (exit {codes[name]}, log .pytest-shards/{name}.log)")
+        print(_summary((logs / f"{name}.log").read_text()))
+    return max(codes.values())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
