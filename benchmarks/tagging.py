@@ -8,9 +8,13 @@ MobileNetV2 at 224 px with *random weights* (speed does not depend on the weight
 
 (a) ceiling   decode (draft) + preprocess + onnxruntime fp32, one process, all cores, bytes in memory
 (b) baseline  seed 002's loop: boto3 reads one by one, PIL + torchvision transforms, eager PyTorch, batch 32
-(c) tag.py    jobs/tag.py S3 -> Parquet on S3, onnxruntime fp32 / int8 (+ ncnn when exported), and
+(c) tag.py    jobs/tag.py S3 -> Parquet on S3, onnxruntime fp32 (the rule's parallelism, and 1 actor x 2
+              threads) / int8 (+ ncnn when exported), and
               fp32 again at ``--scale`` x the images (cost per image, driver peak RSS)
 (d) listing   100,000 keys listed + sharded: the driver's peak Python memory vs 25,000 keys
+profile       each stage alone in-process (decode / onnxruntime, 1 thread and all cores), and the
+              Ray Data stats every (c) run leaves under <output>/_runs/<run>/stats/ (copied to
+              --work-dir as ray-data-stats-<run>.txt)
 
 Results go to stdout as a table and, with --json, to a file (BENCHMARKS.md quotes them).
 """
@@ -184,6 +188,52 @@ def ceiling(bundle: str, images: list[bytes], batch: int = 32) -> float:
     return len(images) / (time.perf_counter() - t0)
 
 
+def components(bundle: str, images: list[bytes], batch: int = 32, n: int = 512) -> dict:
+    """The profile's in-process half: images/s of each stage alone, on 1 thread and on all cores.
+
+    decode = robust decoder (draft JPEG decode) + resize + normalise, per image; infer =
+    onnxruntime fp32 on a preprocessed batch. One actor with one thread does both in turn, so its
+    best possible rate is ``1 / (1/decode_1t + 1/infer_1t)`` (``one_thread_both``).
+    """
+    from mlc_ray.data.images import PreprocessConfig, decode_image, preprocess_eval
+    from mlc_ray.tagging.backends import OnnxBackend
+
+    cpus = os.cpu_count() or 1
+    pre = PreprocessConfig.from_json(Path(bundle, "preprocess.json").read_text())
+    sample = images[:n]
+
+    def prep(data: bytes) -> np.ndarray:
+        return preprocess_eval(decode_image(data, target_size=pre.image_size).array, pre)
+
+    out: dict = {}
+    for threads in sorted({1, cpus}):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            arrays = list(pool.map(prep, sample))
+        out[f"decode_{threads}t"] = round(len(sample) / (time.perf_counter() - t0), 2)
+        backend = OnnxBackend(str(Path(bundle, "model.onnx")), threads=threads)
+        x = np.stack(arrays[:batch])
+        backend.run(x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(len(sample) // batch):
+            backend.run(x)
+        out[f"infer_{threads}t"] = round((len(sample) // batch) * batch / (time.perf_counter() - t0), 2)
+    out["one_thread_both"] = round(1 / (1 / out["decode_1t"] + 1 / out["infer_1t"]), 2)
+    return out
+
+
+def ray_data_stats(output: str) -> str:
+    """The job's own profile: the Ray Data stats files it left under ``<output>/_runs/*/stats/``."""
+    from mlc_ray import storage
+
+    texts = [
+        f"## {o.uri}\n{storage.read_text(o.uri)}"
+        for o in storage.iter_objects(storage.join(output, "_runs"))
+        if "/stats/" in o.uri
+    ]
+    return "\n".join(texts)
+
+
 def seed_baseline(bundle: str, keys: list[str], batch: int = 32) -> float:
     """(b) seed 002: sequential boto3 reads, PIL + torchvision transforms, eager PyTorch in batches."""
     import torch
@@ -291,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=4, help="the cost-per-image run uses this many x the images")
     p.add_argument("--work-dir", default="/tmp/mlc-ray-bench")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--skip", default="", help="comma list of: ceiling,baseline,tag,int8,ncnn,scale,listing")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma list of: ceiling,baseline,tag,fp32_1x2,int8,ncnn,scale,listing,profile",
+    )
     p.add_argument(
         "--tag-args", default="", help="extra jobs/tag.py flags for every (c) run, e.g. '--actors 2'"
     )
@@ -315,22 +369,29 @@ def main(argv: list[str] | None = None) -> int:
         keys = [f"in/00-{i:06d}.jpg" for i in range(len(images))]
         if "ceiling" not in skip:
             results["a_ceiling_images_per_s"] = round(ceiling(bundle, images), 2)
+        if "profile" not in skip:
+            results["profile_components_images_per_s"] = components(bundle, images)
         if "baseline" not in skip:
             results["b_seed_baseline_images_per_s"] = round(seed_baseline(bundle, keys), 2)
         prefix = f"s3://{BUCKET}/in/"
         runs = [
             ("fp32", ["--precision", "fp32"]),
+            # the parallelism rule's alternative on a small machine: one actor, two intra-op threads
+            ("fp32_1x2", ["--precision", "fp32", "--actors", "1", "--threads-per-actor", "2"]),
             ("int8", ["--precision", "int8"]),
             ("ncnn", ["--backend", "ncnn"]),
         ]
         for name, extra in runs:
-            if name in skip or (name == "fp32" and "tag" in skip):
+            if name in skip or (name.startswith("fp32") and "tag" in skip):
                 continue
             if name == "ncnn" and not Path(bundle, "model.ncnn.param").exists():
                 continue
-            results[f"c_tag_{name}"] = run_tag_job(
-                bundle, prefix, f"s3://{BUCKET}/out-{name}-{time.time_ns()}", extra + tag_args
-            )
+            output = f"s3://{BUCKET}/out-{name}-{time.time_ns()}"
+            results[f"c_tag_{name}"] = run_tag_job(bundle, prefix, output, extra + tag_args)
+            if "profile" not in skip:
+                stats_file = work / f"ray-data-stats-{name}.txt"
+                stats_file.write_text(ray_data_stats(output))
+                results[f"c_tag_{name}"]["ray_data_stats"] = str(stats_file)
         if "scale" not in skip:
             upload("in4x", images, copies=args.scale)
             results["c_tag_fp32_scaled"] = run_tag_job(
@@ -352,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios["fp32_vs_ceiling"] = round(fp32 / a, 3)
     if fp32 and b:
         ratios["fp32_vs_baseline"] = round(fp32 / b, 3)
+    if fp32 and results.get("c_tag_fp32_1x2"):
+        ratios["fp32_1x2_vs_fp32"] = round(results["c_tag_fp32_1x2"]["images_per_s"] / fp32, 3)
+        if a:
+            ratios["fp32_1x2_vs_ceiling"] = round(results["c_tag_fp32_1x2"]["images_per_s"] / a, 3)
     if fp32 and results.get("c_tag_int8"):
         ratios["int8_vs_fp32"] = round(results["c_tag_int8"]["images_per_s"] / fp32, 3)
     if fp32 and results.get("c_tag_fp32_scaled"):
