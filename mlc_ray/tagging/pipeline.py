@@ -35,7 +35,10 @@ with C cluster CPUs, keep R = max(1, C // 8) CPUs for the read tasks and the dri
 bound: each read task holds ``num_cpus=0.5`` and many threads); give each inference actor T = 1
 intra-op thread when C - R < 4, else T = 2 (onnxruntime scales sub-linearly with threads, so more
 single-session actors beat one wide session); actors = (C - R) // T, fixed size. With ``--use-gpu``:
-one actor per GPU, T = max(1, (C - R) // GPUs) CPU threads for its decoding.
+one actor per GPU, T = max(1, (C - R) // GPUs) CPU threads for its decoding. Each actor reserves T
+CPUs, unless the minimum pool (explicit ``--actors`` / ``--threads-per-actor``) would leave less
+than a read task's 0.5 CPU: then the actors share what is left (quarter CPUs, threads
+oversubscribed) and a warning says so, because a pool that holds every CPU never runs a read task.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,6 +143,14 @@ class Parallelism:
     threads_per_actor: int
     gpus_per_actor: float = 0.0
     read_cpus: float = 0.5
+    # CPUs each actor reserves: its threads, unless min_actors x threads leave no room for the read
+    # tasks (a 2-CPU machine with --threads-per-actor 2); then the room is shared, and the actors'
+    # threads oversubscribe it, instead of a pool that can never schedule a read task
+    cpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.cpus_per_actor:
+            object.__setattr__(self, "cpus_per_actor", float(self.threads_per_actor))
 
 
 def choose_parallelism(
@@ -158,12 +169,33 @@ def choose_parallelism(
         gpus = max(1, int(cluster_gpus))
         n = actors or (gpus, gpus)
         threads = threads_per_actor or max(1, budget // n[1])
-        return Parallelism(n[0], n[1], threads, gpus_per_actor=min(1.0, gpus / n[1]))
-    threads = threads_per_actor or (1 if budget < 4 else 2)
-    if actors is None:
-        count = max(1, budget // threads)
-        actors = (count, count)
-    return Parallelism(actors[0], actors[1], threads)
+        par = Parallelism(n[0], n[1], threads, gpus_per_actor=min(1.0, gpus / n[1]))
+    else:
+        threads = threads_per_actor or (1 if budget < 4 else 2)
+        if actors is None:
+            count = max(1, budget // threads)
+            actors = (count, count)
+        par = Parallelism(actors[0], actors[1], threads)
+    room = float(cluster_cpus) - par.read_cpus  # what the actors may reserve with one read task running
+    if par.min_actors * par.cpus_per_actor > room:
+        share = room / par.min_actors
+        if share < 0.25:
+            raise UserError(
+                f"--actors {par.min_actors}: the cluster has {cluster_cpus:g} CPUs, too few for "
+                f"{par.min_actors} inference actors and the read tasks; use fewer actors or more CPUs"
+            )
+        share = float(int(share * 4) / 4)  # quarter CPUs
+        log.warning(
+            "%d actor(s) x %d thread(s) would leave no CPU for the read tasks on %g CPUs: each actor "
+            "reserves %.2f CPUs and runs its %d threads on them",
+            par.min_actors,
+            par.threads_per_actor,
+            cluster_cpus,
+            share,
+            par.threads_per_actor,
+        )
+        par = replace(par, cpus_per_actor=share)
+    return par
 
 
 # --------------------------------------------------------------------------------------------- read stage
@@ -787,7 +819,7 @@ def _tag_window(
         compute=ray.data.ActorPoolStrategy(min_size=par.min_actors, max_size=par.max_actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_cpus=par.threads_per_actor,
+        num_cpus=par.cpus_per_actor,
         num_gpus=par.gpus_per_actor if cfg.use_gpu else None,
         fn_constructor_kwargs=predictor_kwargs,
         # no named parameter for it in Ray 2.60: a (deprecated, until 2.64) ray_remote_args key
@@ -862,7 +894,7 @@ def _isolate(
     import ray
 
     actor_cls = ray.remote(_Isolator).options(
-        num_cpus=par.threads_per_actor,
+        num_cpus=par.cpus_per_actor,
         num_gpus=par.gpus_per_actor if cfg.use_gpu else None,
         max_restarts=0,
         max_task_retries=0,

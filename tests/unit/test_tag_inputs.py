@@ -131,3 +131,17 @@ def test_parallelism_rule_leaves_room_for_reads() -> None:
     assert choose_parallelism(16, actors=(2, 4), threads_per_actor=3).max_actors == 4
     gpu = choose_parallelism(16, cluster_gpus=2, use_gpu=True)
     assert gpu.max_actors == 2 and gpu.gpus_per_actor == 1.0
+    assert two.cpus_per_actor == 1.0 and sixteen.cpus_per_actor == sixteen.threads_per_actor
+
+
+def test_explicit_parallelism_never_starves_the_read_tasks() -> None:
+    from mlc_ray.cli import UserError
+
+    # 1 actor x 2 threads on 2 CPUs reserved both CPUs: the read tasks (0.5 CPU) never ran and the
+    # job waited for ever (found by benchmarks/tagging.py); the actor now reserves 1.5
+    wide = choose_parallelism(2, actors=(1, 1), threads_per_actor=2)
+    assert (wide.threads_per_actor, wide.cpus_per_actor) == (2, 1.5)
+    four = choose_parallelism(2, actors=(4, 4), threads_per_actor=1)
+    assert four.cpus_per_actor == 0.25 and 4 * four.cpus_per_actor + four.read_cpus <= 2
+    with pytest.raises(UserError, match="too few"):
+        choose_parallelism(2, actors=(8, 8), threads_per_actor=1)
