@@ -2,9 +2,10 @@
 
     python -m tests.run_shards [PYTEST ARGS...]
 
-Most of the suite's wall time is waiting (Ray clusters, job drivers and servers starting, training
-workers importing torch), not computing: about half the machine's CPU time is idle in a serial run.
-So two pytest processes run at once, each with its own S3 server, MLflow and local Ray clusters:
+Much of the suite's wall time is waiting (Ray clusters, job drivers and servers starting, training
+workers importing torch): a serial run left the 2-CPU machine about half idle during a training test
+(52 % busy over 30 s). So two pytest processes run at once, each with its own S3 server, MLflow and
+local Ray clusters (on 2 CPUs the gain is small: both shards keep the CPUs busy; see README "Tests"):
 
 * shard ``integration``: ``tests/integration`` but the mining pipeline;
 * shard ``chaos+unit``: ``tests/chaos``, ``tests/unit``, then ``tests/integration/test_mining_pipeline.py``
