@@ -3,8 +3,9 @@
 ``train_loop_per_worker(config)`` is handed to ``TorchTrainer`` by ``mlc_ray.train.runner``. Per epoch:
 
   [1] train on this worker's shard of ``train`` (``iter_torch_batches``; uint8 NHWC pixels, the
-      ImageTagger normalises on the device); AMP on GPU (bf16 where supported, else fp16 + scaler),
-      channels-last on GPU; per-step warm-up + cosine or one-cycle schedule; optional EMA of weights
+      ImageTagger normalises on the device); each batch is ``mlc_ray.train.step.train_step`` (Ray-free:
+      AMP on GPU, bf16 where supported, else fp16 + scaler; channels-last on GPU); per-step warm-up +
+      cosine or one-cycle schedule; optional EMA of weights
   [2] score this worker's shard of ``val`` (split without dropping rows), all-gather (index, scores,
       targets) to every rank, dedupe by index: every val image is counted exactly once, which rank 0
       checks against the number of val images that decoded
@@ -76,15 +77,6 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms and biases (1-d tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _init_weights(tagger: Any, uri: str) -> None:
     """Fine-tune start: a bundle dir (its model.pt), a checkpoint dir (state.pt) or a state-dict file."""
     from mlc_ray import storage
@@ -126,6 +118,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from mlc_ray.models import build_tagger
     from mlc_ray.train.losses import build_loss
     from mlc_ray.train.metrics import compute_metrics, scalar_metrics
+    from mlc_ray.train.step import (
+        amp_dtype_for,
+        autocast,
+        build_optimizer,
+        make_grad_scaler,
+        to_device,
+        train_step,
+    )
     from mlc_ray.train.tracking import EpochLogger
 
     setup_logging()
@@ -143,18 +143,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("init_from"):
         _init_weights(tagger, cfg["init_from"])
     if on_gpu:
-        tagger = tagger.to(device=device, memory_format=torch.channels_last)
+        tagger = to_device(tagger, device, channels_last=True)
     ema = (
         AveragedModel(tagger, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
         if cfg["ema"]
         else None
     )
     model = ray.train.torch.prepare_model(tagger)
-    groups = _param_groups(tagger, cfg["weight_decay"])
-    if cfg["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=0.9, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
+    optimizer = build_optimizer(tagger, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     steps_per_epoch = int(config["steps_per_epoch"])
     total_steps = max(1, steps_per_epoch * cfg["epochs"])
     warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
@@ -177,10 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         label_smoothing=cfg["label_smoothing"],
         pos_weight=None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32),
     ).to(device)
-    amp_dtype = None
-    if on_gpu and cfg["amp"]:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    amp_dtype = amp_dtype_for(device.type, bool(cfg["amp"]))  # bf16 / fp16 on GPU, None (fp32) on CPU
+    scaler = make_grad_scaler(device.type, amp_dtype)
 
     # [0b] resume
     start_epoch, best_map, starts, images_seen = 0, float("-inf"), [], 0
@@ -226,18 +220,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             batch_size=per_worker, dtypes=dtypes, device=device, local_shuffle_buffer_size=per_worker * 4
         ):
             images, targets = batch["image"], batch["target"]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(
+                model,
+                images,
+                targets,
+                criterion=criterion,
+                optimizer=optimizer,
+                scaler=scaler,
+                amp_dtype=amp_dtype,
+            )
             if scheduler.last_epoch < total_steps - 1 or cfg["schedule"] != "onecycle":
                 scheduler.step()
             if ema is not None:
                 ema.update_parameters(tagger)
-            loss_sum += float(loss.detach()) * images.shape[0]
+            loss_sum += float(loss) * images.shape[0]
             n_seen += int(images.shape[0])
         train_time = time.perf_counter() - t0
         totals = _all_gather((loss_sum, n_seen, train_time))
@@ -253,9 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             for batch in val_shard.iter_torch_batches(
                 batch_size=per_worker * 2, dtypes=dtypes, device=device
             ):
-                with torch.autocast(
-                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                ):
+                with autocast(device.type, amp_dtype):
                     logits = eval_model(batch["image"])
                 score_parts.append(torch.sigmoid(logits.float()).cpu().numpy())
                 idx_parts.append(batch["index"].cpu().numpy())
