@@ -15,15 +15,19 @@ Sections, in this order (the slow ``torch.compile`` runs last, so a budget cut l
                  --max-batch), halved on OOM; peak memory; plus the host->device copy rate of the batch
   [3] decode_cpu 500x375 photo-like JPEGs (the tagging benchmark's generator), PIL decode + resize to
                  224 on --workers processes: the tagging path (JPEG draft mode) and the training path
-                 (full-size decode, then resize); images/s, and on one process for the scaling
+                 (full-size decode, then resize; training's augmentation is not included); images/s,
+                 and on one process for the scaling
   [4] decode_gpu torchvision.io.decode_jpeg(device="cuda") on batches of the same JPEGs (bytes copied
                  from the host) + antialiased bilinear resize to 224 on the GPU; images/s
   [5] infer      images/s of the torch tagger with sigmoid (what tagging computes), bf16 autocast,
                  channels-last, inference mode: the bound for GPU tagging (onnxruntime-gpu is not
                  installed on the device machine, so the ONNX CUDA provider is not measured here)
   [6] train      [2] again with ``torch.compile`` (default mode); compile time reported separately
+  [7] summary    per arch: the best training rate against the decode rates (which one bounds a GPU
+                 worker), and against the target (>= 3,000 images/s for MobileNetV2 at 224 px)
 
-On a GPU: ``python benchmarks/gpu.py --quick --json gpu.jsonl`` (about 5 minutes on one H200).
+On a GPU: ``python benchmarks/gpu.py --quick --json gpu.jsonl`` (sized for about 5 minutes on one H200;
+not yet run on one).
 On CPU, to check the harness itself: ``python benchmarks/gpu.py --device cpu --quick`` (tiny sizes).
 """
 
@@ -70,10 +74,13 @@ NUM_LABELS = 81  # NUS-WIDE's label count: a real multi-label head
 AMP_CHOICES = ("bf16", "fp16", "auto", "off")
 _T0 = time.perf_counter()
 _JSON_PATH: Path | None = None
+_RECORDS: list[dict[str, Any]] = []
+TRAIN_TARGET = {"mobilenet_v2": 3000.0}  # images/s per GPU, 224 px, AMP (the issue's target)
 
 
 def emit(record: dict[str, Any]) -> None:
     """One JSON line on stdout (and appended to --json): partial results survive a cut-off run."""
+    _RECORDS.append(record)
     line = json.dumps({"t_s": round(time.perf_counter() - _T0, 1), **record}, sort_keys=True)
     print(line, flush=True)
     if _JSON_PATH is not None:
@@ -513,18 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one failing path must not hide the others' figures
             emit({"section": name, "what": what, "error": f"{type(exc).__name__}: {str(exc)[:800]}"})
 
-    # One spawn pool for the CPU side, started first: its workers import while the GPU trains, and
-    # spawn (not fork) keeps them clear of the parent's CUDA context and thread pools.
+    # One spawn pool for the CPU side (spawn, not fork: clear of the parent's CUDA context and thread
+    # pools). The JPEGs are made before any timing, so no measurement shares the CPUs with it.
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        jpegs_async = pool.map_async(
-            photo_like_jpeg,
-            range(args.decode_images),
-            chunksize=max(1, args.decode_images // (4 * args.workers)),
-        )
+        chunk = max(1, args.decode_images // (4 * args.workers))
+        jpegs = pool.map(photo_like_jpeg, range(args.decode_images), chunksize=chunk)
         if args.compile != "only":
             for arch in archs:
                 section("train", arch, run_train, arch, args, device, compiled=False)
-        jpegs = jpegs_async.get()
         section("decode_cpu", "PIL", run_decode_cpu, pool, jpegs, args)
     section("decode_gpu", "torchvision", run_decode_gpu, jpegs, args, device)
     for arch in archs:
@@ -532,8 +535,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile != "off":
         for arch in archs:
             section("train_compiled", arch, run_train, arch, args, device, compiled=True)
+    for line in summary(_RECORDS):
+        emit(line)
     emit({"section": "done", "wall_s": round(elapsed(), 1)})
     return 0
+
+
+def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arch: the best measured training rate against the decode rates -- what bounds a GPU worker."""
+    rate = {(r["section"], r.get("path", "")): r["images_per_s"] for r in records if "images_per_s" in r}
+    cpu_decode = rate.get(("decode_cpu", "training (full decode)"))
+    tv_decode = rate.get(("decode_gpu", "")) or rate.get(("decode_torchvision_cpu", ""))  # GPU, or CPU
+    out = []
+    trains = [r for r in records if r.get("section", "").startswith("train") and "images_per_s" in r]
+    for arch in dict.fromkeys(r["arch"] for r in trains):
+        best = max((r for r in trains if r["arch"] == arch), key=lambda r: r["images_per_s"])
+        line: dict[str, Any] = {
+            "section": "summary",
+            "arch": arch,
+            "train_images_per_s": best["images_per_s"],
+            "train_run": best["section"],
+            "cpu_decode_training_path_images_per_s": cpu_decode,
+            "torchvision_decode_images_per_s": tv_decode,
+        }
+        if cpu_decode:
+            line["cpu_decode_over_train"] = round(cpu_decode / best["images_per_s"], 2)
+            line["bound_with_cpu_decode"] = "input pipeline" if cpu_decode < best["images_per_s"] else "model"
+        if arch in TRAIN_TARGET and best["image_size"] == 224:  # the target is for 224 px
+            line["train_target_images_per_s"] = TRAIN_TARGET[arch]
+            line["train_target_met"] = best["images_per_s"] >= TRAIN_TARGET[arch]
+        out.append(line)
+    return out
 
 
 if __name__ == "__main__":
