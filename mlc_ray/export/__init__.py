@@ -27,16 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from mlc_ray.bundle import EXPORT_FILES as FORMAT_FILES  # the bundle's one file list
+from mlc_ray.bundle import SHA256_MANIFEST
+
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportReport", "FormatResult", "export_bundle"]
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("onnx", "int8", "ncnn")
-FORMAT_FILES = {
-    "onnx": ("model.onnx",),
-    "int8": ("model.int8.onnx",),
-    "ncnn": ("model.ncnn.param", "model.ncnn.bin"),
-}
+
 PARITY_IMAGES = 32  # images used for the parity checks (validation images when given)
 
 
@@ -185,6 +184,8 @@ def export_bundle(
                     storage.upload_file(local / name, uri)
                 else:
                     storage.delete(uri)
+        # last: the manifest of hashes that model caches compare with (see mlc_ray.bundle)
+        storage.upload_file(local / SHA256_MANIFEST, storage.join(bundle_dir, SHA256_MANIFEST))
         return report
 
 
@@ -269,6 +270,7 @@ def _export_local(
         result.seconds = time.perf_counter() - t0
         report.results["ncnn"] = result
 
+    bundle.write_manifest()  # sha256.json now lists the files that passed
     report.seconds = time.perf_counter() - started
     for fmt, result in report.results.items():
         if not result.ok:
