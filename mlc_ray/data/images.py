@@ -26,7 +26,7 @@ standardisation).
 
 **The one image path.** Every consumer of a model's pixels goes through this module with the
 bundle's ``PreprocessConfig``: ``decode_for_model`` (the decode, with the bundle's ``decode`` policy:
-``draft`` = reduced-scale JPEG decode never smaller than ``resize_size``, or ``full``) is what
+``draft`` = reduced-scale JPEG decode never smaller than the resize that follows, or ``full``) is what
 training decodes with before augmenting; ``prepare_image`` / ``read_and_prepare`` (decode +
 ``preprocess_eval`` or ``ten_crop``) is what validation, calibration, 10-crop scoring, the export
 parity checks and the int8 gate, promotion, the pyfunc model and bulk tagging feed the model. So the
@@ -53,7 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("imagenet", "per_image")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR}
 # How JPEGs are decoded for a model: "draft" lets libjpeg decode at a reduced DCT scale that is never
-# smaller than the model's resize size (the resize that follows averages the rest away); "full"
+# smaller than the size the image is resized to next (the resize averages the rest away); "full"
 # decodes every pixel. Chosen by measurement (BENCHMARKS.md "Decode policy"): draft is what new bundles
 # record. A preprocess.json written before the field existed was calibrated on full decodes, so a
 # bundle without the key reads as LEGACY_DECODE.
@@ -390,12 +390,17 @@ def decode_for_model(
     data: bytes | bytearray | memoryview | None,
     cfg: PreprocessConfig,
     *,
+    view: str = "single",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DecodedImage:
     """``decode_image`` with ``cfg.decode``: the decode training (before augmenting), evaluation and
-    tagging all use. ``draft`` never decodes below ``cfg.resize_size``, so single view and 10-crop
-    start from the same pixels."""
-    target = cfg.resize_size if cfg.decode == "draft" else None
+    tagging all use. ``draft`` never decodes below the size the view resizes to (``image_size``;
+    ``resize_size`` for 10-crop)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    target = None
+    if cfg.decode == "draft":
+        target = cfg.resize_size if view == "10crop" else cfg.image_size
     return decode_image(data, max_pixels=max_pixels, target_size=target)
 
 
@@ -423,9 +428,7 @@ def prepare_image(
 ) -> PreparedImage:
     """Bytes -> model input, the way every evaluation consumer and bulk tagging do it; never raises
     for bad data (the error is in the result)."""
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    decoded = decode_for_model(data, cfg, max_pixels=max_pixels)
+    decoded = decode_for_model(data, cfg, view=view, max_pixels=max_pixels)
     if decoded.error is not None:
         return PreparedImage(
             None, decoded.width, decoded.height, f"{decoded.error.code}: {decoded.error.message}"
