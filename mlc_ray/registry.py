@@ -527,6 +527,7 @@ def _cached_s3_bundle(uri: str, cache: Path) -> Path:
 
     key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     target = cache / "_bundles" / key
+    stamp = target.parent / f"{key}.listing.json"  # beside the copy: the bundle dir holds bundle files only
     manifest_uri = storage.join(uri, bundle_layout.SHA256_MANIFEST)
     try:
         expected = bundle_layout.parse_manifest(storage.read_text(manifest_uri), manifest_uri)
@@ -547,8 +548,7 @@ def _cached_s3_bundle(uri: str, cache: Path) -> Path:
         fingerprint = None
     else:
         fingerprint = _s3_listing(uri)
-        stamp = target / ".listing.json"
-        if stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
+        if target.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
             return target
         log.info("model bundle %s has no sha256.json: keyed by its listing (size, ETag)", uri)
     tmp = target.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
@@ -563,10 +563,11 @@ def _cached_s3_bundle(uri: str, cache: Path) -> Path:
                     f"{uri}: the downloaded files do not match the bundle's sha256.json ({exc}); if the "
                     "bundle is being re-exported right now, run again when the export has finished"
                 ) from None
-        else:
-            (tmp / ".listing.json").write_text(json.dumps(fingerprint, sort_keys=True))
+        stamp.unlink(missing_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        if fingerprint is not None:
+            stamp.write_text(json.dumps(fingerprint, sort_keys=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -226,14 +226,14 @@ def _export_local(
         t0 = time.perf_counter()
         result = FormatResult("onnx", "failed")
         try:
-            export_onnx(model, root / "model.onnx", image_size=size)
+            export_onnx(model, bundle.onnx_path, image_size=size)
             result.parity = parity.compare_probabilities(
                 "onnxruntime fp32",
                 reference,
-                onnx_probabilities(root / "model.onnx", check_images, threads=threads),
+                onnx_probabilities(bundle.onnx_path, check_images, threads=threads),
             )
             result.parity.require()
-            result.status, result.files = "ok", ["model.onnx"]
+            result.status, result.files = "ok", list(FORMAT_FILES["onnx"])
         except Exception as exc:  # noqa: BLE001  (any failure stops this artifact, with its reason)
             result.reason = f"{type(exc).__name__}: {exc}"
             _remove(root, FORMAT_FILES["onnx"])
@@ -257,7 +257,7 @@ def _export_local(
             try:
                 from mlc_ray.export.ncnn import convert_to_ncnn
 
-                param, weights = convert_to_ncnn(root / "model.onnx", root, fp16=ncnn_fp16)
+                param, weights = convert_to_ncnn(bundle.onnx_path, root, fp16=ncnn_fp16)
                 probs = parity.ncnn_probabilities(param, weights, check_images, threads=threads)
                 result.parity = parity.compare_probabilities(
                     f"ncnn (fp16 weights={ncnn_fp16})", reference, probs
@@ -311,9 +311,9 @@ def _export_int8(
         targets = np.asarray(val_targets)
         if targets.shape[0] != len(val_images):
             raise ValueError(f"val_targets has {targets.shape[0]} rows for {len(val_images)} val_images")
-        quantize_int8(root / "model.onnx", root / "model.int8.onnx", calibration_images)
-        fp32 = onnx_probabilities(root / "model.onnx", val_images, threads=threads)
-        int8 = onnx_probabilities(root / "model.int8.onnx", val_images, threads=threads)
+        quantize_int8(bundle.onnx_path, bundle.int8_path, calibration_images)
+        fp32 = onnx_probabilities(bundle.onnx_path, val_images, threads=threads)
+        int8 = onnx_probabilities(bundle.int8_path, val_images, threads=threads)
         result.parity = parity.compare_probabilities(
             "onnxruntime int8",
             fp32,
@@ -326,7 +326,7 @@ def _export_int8(
         report.gate = gate
         result.reason = gate.reason
         if gate.passed:
-            result.status, result.files = "ok", ["model.int8.onnx"]
+            result.status, result.files = "ok", list(FORMAT_FILES["int8"])
         else:
             result.status = "failed"
             _remove(root, FORMAT_FILES["int8"])
