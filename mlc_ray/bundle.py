@@ -7,7 +7,13 @@ and tags each file's sha256; tagging and promotion read it back (see docs/intern
 
 ``ModelBundle`` is the one reader of that layout: artifact paths, the rebuilt ``ImageTagger``
 (``weights_only=True``), labels, preprocessing, thresholds, and sha256 verification against recorded
-digests. It reads a *local* directory; ``mlc_ray.registry.resolve_model`` downloads s3:// bundles.
+digests. It reads a *local* directory; ``mlc_ray.registry.resolve_model`` (verified, cached) and
+``local_bundle`` (a temporary copy) download s3:// bundles. The file names below are the one list
+of the layout: everything else (training, export, the registry, tagging backends) imports them.
+
+``sha256.json`` is the bundle's manifest of hashes (``{"files": {name: sha256}}``), rewritten by
+training and by export after every change; the model cache compares a cached s3:// bundle with it on
+every resolve, so a bundle re-exported under the same prefix is downloaded again.
 """
 
 from __future__ import annotations
@@ -15,10 +21,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARTIFACT_FILES", "BundleIntegrityError", "ModelBundle", "sha256_file"]
+from mlc_ray.cli import UserError
+
+__all__ = [
+    "ARTIFACT_FILES",
+    "BundleError",
+    "BundleIntegrityError",
+    "ModelBundle",
+    "ONNX_BY_PRECISION",
+    "PYFUNC_KEYS",
+    "REQUIRED_FOR_INFERENCE",
+    "SHA256_MANIFEST",
+    "TRAINING_FILES",
+    "local_bundle",
+    "sha256_file",
+]
 
 WEIGHTS = "model.pt"
 MODEL_JSON = "model.json"
@@ -44,9 +67,35 @@ ARTIFACT_FILES: tuple[str, ...] = (
     NCNN_PARAM,
     NCNN_BIN,
 )
+TRAINING_FILES: tuple[str, ...] = ARTIFACT_FILES[:6]  # what training writes (export adds the rest)
+EXPORT_FILES: dict[str, tuple[str, ...]] = {  # export format -> the files it writes
+    "onnx": (ONNX,),
+    "int8": (ONNX_INT8,),
+    "ncnn": (NCNN_PARAM, NCNN_BIN),
+}
+REQUIRED_FOR_INFERENCE: tuple[str, ...] = (ONNX, LABELS, PREPROCESS, THRESHOLDS)
+ONNX_BY_PRECISION: dict[str, str] = {"fp32": ONNX, "int8": ONNX_INT8}
+# pyfunc artifact key of each file (how the registry logs them; mlc_ray/pyfunc_model.py reads them)
+PYFUNC_KEYS: dict[str, str] = {
+    WEIGHTS: "weights",
+    MODEL_JSON: "model_config",
+    LABELS: "labels",
+    PREPROCESS: "preprocess",
+    THRESHOLDS: "thresholds",
+    METRICS: "metrics",
+    ONNX: "onnx",
+    ONNX_INT8: "int8",
+    NCNN_PARAM: "ncnn_param",
+    NCNN_BIN: "ncnn_bin",
+}
+SHA256_MANIFEST = "sha256.json"  # {"files": {name: sha256}} of every other file; not itself an artifact
 
 
-class BundleIntegrityError(ValueError):
+class BundleError(UserError, ValueError):
+    """A bundle file is unreadable or inconsistent; the message names the file and what to do."""
+
+
+class BundleIntegrityError(BundleError):
     """A bundle file is missing or its content does not match the recorded sha256."""
 
 
@@ -113,7 +162,7 @@ class ModelBundle:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); restore it from the model version") from None
+            raise BundleError(f"{path}: not valid JSON ({exc}); restore it from the model version") from None
 
     # ---- loaders -------------------------------------------------------------------------------
 
@@ -121,20 +170,20 @@ class ModelBundle:
         """``labels.json``: the label names in model output order."""
         data = self._json(LABELS)
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise ValueError(f"{self.labels_path}: expected a JSON list of label names")
+            raise BundleError(f"{self.labels_path}: expected a JSON list of label names")
         return list(data)
 
     def model_spec(self) -> dict[str, Any]:
         """``model.json``: ``{"arch", "num_labels", "width", "dropout"}``."""
         data = self._json(MODEL_JSON)
         if not isinstance(data, dict):
-            raise ValueError(f"{self.model_json_path}: expected a JSON object")
+            raise BundleError(f"{self.model_json_path}: expected a JSON object")
         return data
 
     def metrics(self) -> dict[str, Any]:
         data = self._json(METRICS)
         if not isinstance(data, dict):
-            raise ValueError(f"{self.metrics_path}: expected a JSON object")
+            raise BundleError(f"{self.metrics_path}: expected a JSON object")
         return data
 
     def preprocess(self) -> Any:
@@ -144,13 +193,31 @@ class ModelBundle:
         try:
             return PreprocessConfig.from_json(self._require(PREPROCESS).read_text(encoding="utf-8"))
         except ValueError as exc:
-            raise ValueError(f"{self.preprocess_path}: {exc}") from None
+            raise BundleError(f"{self.preprocess_path}: {exc}") from None
 
     def thresholds(self) -> Any:
-        """``thresholds.json`` as verified ``Thresholds`` (its own sha256 is checked)."""
+        """``thresholds.json`` as verified ``Thresholds`` (its own sha256 is checked), in the label order
+        of ``labels.json`` (a bundle whose two files disagree is refused)."""
         from mlc_ray.calibrate import Thresholds
 
-        return Thresholds.load(str(self._require(THRESHOLDS)))
+        try:
+            thresholds = Thresholds.load(str(self._require(THRESHOLDS)))
+        except FileNotFoundError:
+            raise
+        except ValueError as exc:
+            raise BundleError(str(exc)) from None
+        if self.has(LABELS) and list(thresholds.labels) != self.labels():
+            raise BundleError(
+                f"{self.thresholds_path}: thresholds are for labels {list(thresholds.labels)[:5]}..., but "
+                f"labels.json lists {self.labels()[:5]}...; the bundle is inconsistent: recalibrate or re-export it"
+            )
+        return thresholds
+
+    def threshold_values(self) -> Any:
+        """The thresholds as a float32 array in model output order."""
+        import numpy as np
+
+        return np.asarray(self.thresholds().values, dtype=np.float32)
 
     def load_model(self) -> Any:
         """The ``ImageTagger`` in eval mode with ``model.pt`` loaded (``weights_only=True``)."""
@@ -178,6 +245,22 @@ class ModelBundle:
         """``{file name: sha256}`` of every known artifact present."""
         return {name: sha256_file(self.path(name)) for name in self.present()}
 
+    def write_manifest(self) -> dict[str, str]:
+        """(Re)write ``sha256.json`` from the files present now; returns the digests."""
+        digests = self.sha256s()
+        text = json.dumps({"files": digests}, indent=2, sort_keys=True) + "\n"
+        tmp = self.root / f".{SHA256_MANIFEST}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.root / SHA256_MANIFEST)
+        return digests
+
+    def manifest(self) -> dict[str, str] | None:
+        """The recorded ``{file: sha256}`` of ``sha256.json``, or None for a bundle written without one."""
+        path = self.root / SHA256_MANIFEST
+        if not path.is_file():
+            return None
+        return parse_manifest(path.read_text(encoding="utf-8"), str(path))
+
     def verify(self, expected: dict[str, str]) -> None:
         """Raise ``BundleIntegrityError`` naming every file that is missing or differs from ``expected``."""
         problems = []
@@ -194,3 +277,42 @@ class ModelBundle:
                 f"model bundle {self.root}: " + "; ".join(problems) + ". Do not use it: re-download the "
                 "model version (or re-run the export) to get the files that were recorded"
             )
+
+
+def parse_manifest(text: str, where: str) -> dict[str, str]:
+    """``sha256.json`` text -> ``{file: sha256}``; BundleError when it is not one."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{where}: not valid JSON ({exc})") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise BundleError(f'{where}: expected {{"files": {{name: sha256}}}}')
+    return dict(files)
+
+
+@contextmanager
+def local_bundle(uri: str, files: tuple[str, ...] | None = None) -> Iterator[ModelBundle]:
+    """A ``ModelBundle`` for a local directory, or for a temporary local copy of an s3:// bundle
+    (its top-level files, or only ``files``), removed on exit."""
+    from mlc_ray import storage
+
+    if not storage.is_s3(uri):
+        yield ModelBundle(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="mlc_ray-bundle-") as tmp:
+        prefix = uri.rstrip("/") + "/"
+        count = 0
+        for obj in storage.iter_objects(prefix):
+            rel = obj.uri[len(prefix) :]
+            if not rel or "/" in rel:  # a bundle is flat; ignore sub-folders (e.g. checkpoints)
+                continue
+            if files is not None and rel not in files:
+                continue
+            storage.download_file(obj.uri, str(storage.safe_local_path(tmp, rel)))
+            count += 1
+        if count == 0:
+            raise BundleError(f"model bundle {uri} does not exist (no objects under it)")
+        yield ModelBundle(tmp)

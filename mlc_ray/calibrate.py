@@ -25,6 +25,12 @@ was measured; the midpoint only leaves a margin for unseen scores (and float32 r
 A label with no positives, no negatives, or constant scores cannot be calibrated: it keeps the
 fallback threshold and is listed in ``Thresholds.fallback_labels`` with the reason.
 
+**Honest calibrated metrics.** A threshold fitted on some scores and measured on the same scores
+reports an F1 that is guaranteed by construction. ``cross_fit_thresholds`` splits the validation
+rows into K seeded folds, fits on K-1 and applies those thresholds to the held-out fold, so every
+row is judged by thresholds fitted without it (``CrossFit.row_thresholds``); the calibrated metrics
+that training reports come from those. The thresholds that ship are fitted on all validation rows.
+
 ``thresholds.json`` is canonical JSON (sorted keys, Python's shortest round-trip float repr) and
 carries ``sha256``: the SHA-256 of the compact canonical JSON of every other field. ``load``
 recomputes it, so an edited or corrupted file is refused instead of silently changing the tags.
@@ -42,7 +48,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["METHODS", "Thresholds", "calibrate_thresholds", "parse_method"]
+__all__ = [
+    "METHODS",
+    "CrossFit",
+    "Thresholds",
+    "calibrate_thresholds",
+    "cross_fit_thresholds",
+    "parse_method",
+]
 
 log = logging.getLogger(__name__)
 
@@ -359,3 +372,64 @@ def calibrate_thresholds(
     return Thresholds(
         labels=labels, values=values, method=canonical_method, support=support, fallback_labels=fallbacks
     )
+
+
+DEFAULT_FOLDS = 5
+
+
+@dataclass
+class CrossFit:
+    """Thresholds fitted on all rows (what ships) and, per row, the thresholds of the K-1 other folds."""
+
+    thresholds: Thresholds  # fitted on every row: thresholds.json
+    row_thresholds: np.ndarray  # (N, L) float64: row i's thresholds, fitted on the folds without row i
+    fold_of_row: np.ndarray  # (N,) int: the fold each row was held out in
+    folds: int
+
+    @property
+    def description(self) -> str:
+        return (
+            f"thresholds fitted on {self.folds - 1} of {self.folds} folds of the validation rows, "
+            "each fold scored with the thresholds of the others (cross-fitted)"
+        )
+
+
+def cross_fit_thresholds(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    labels: Sequence[str],
+    method: str = "f1_max",
+    *,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    fallback: float = 0.5,
+) -> CrossFit:
+    """K-fold cross-fitting of ``calibrate_thresholds``; see "Honest calibrated metrics" above.
+
+    ``folds`` is lowered to the number of rows when there are fewer; at least 2 rows are needed.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets)
+    full = calibrate_thresholds(scores, targets, labels, method=method, fallback=fallback)
+    n = scores.shape[0]
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+    if n < 2:
+        raise ValueError(f"cross-fitting thresholds needs at least 2 validation rows, got {n}")
+    k = min(folds, n)
+    fold_of_row = np.empty(n, dtype=np.int64)
+    fold_of_row[np.random.default_rng(seed).permutation(n)] = np.arange(n) % k
+    row_thresholds = np.empty(scores.shape, dtype=np.float64)
+    quiet = logging.getLogger(__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the fallback warning per fold repeats the one of the full fit
+    try:
+        for f in range(k):
+            held_out = fold_of_row == f
+            fitted = calibrate_thresholds(
+                scores[~held_out], targets[~held_out], labels, method=method, fallback=fallback
+            )
+            row_thresholds[held_out] = fitted.as_array()[None, :]
+    finally:
+        quiet.setLevel(level)
+    return CrossFit(thresholds=full, row_thresholds=row_thresholds, fold_of_row=fold_of_row, folds=k)

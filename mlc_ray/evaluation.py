@@ -1,16 +1,15 @@
 """Score a model bundle on a labelled manifest, the way promotion and the pyfunc model see it.
 
-One code path turns image bytes into probabilities for everything outside the tagging pipeline:
-decode (``mlc_ray.data.images.decode_image``), resize (``preprocess_eval`` with the bundle's own
-``preprocess.json``), then the bundle's fp32 ``model.onnx`` in onnxruntime (uint8 NHWC in,
-``probabilities`` out). ``evaluate_bundle`` runs it over a manifest and computes metrics at the
+One code path turns image bytes into probabilities: ``mlc_ray.data.images.prepare_image`` (decode
+with the bundle's decode policy, resize, both from its ``preprocess.json``; the same call the tagging
+pipeline's actors make), then the bundle's ``model.onnx`` in onnxruntime (uint8 NHWC in,
+``probabilities`` out). The bundle is read through ``mlc_ray.bundle.ModelBundle``. ``evaluate_bundle`` runs it over a manifest and computes metrics at the
 bundle's *own* calibrated thresholds, so two versions are compared as each would be deployed.
 Images that fail to decode are counted and named, not fatal: both versions skip the same ones.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -22,22 +21,13 @@ import numpy as np
 
 from mlc_ray.cli import UserError
 
-__all__ = ["BundleScorer", "EvalResult", "evaluate_bundle", "load_labels"]
+__all__ = ["BundleScorer", "EvalResult", "evaluate_bundle"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
 # How many failed images an EvalResult keeps by name (the count is always exact).
 MAX_ERRORS_KEPT = 20
-
-
-def load_labels(local_dir: str | os.PathLike[str]) -> list[str]:
-    """The model's output order, from the bundle's ``labels.json``."""
-    path = Path(local_dir) / "labels.json"
-    labels = json.loads(path.read_text())
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise UserError(f"{path}: expected a JSON list of label names")
-    return labels
 
 
 def _onnx_threads() -> int:
@@ -54,16 +44,15 @@ class BundleScorer:
     def __init__(self, local_dir: str | os.PathLike[str], *, onnx_file: str = "model.onnx") -> None:
         import onnxruntime as ort
 
-        from mlc_ray.data.images import PreprocessConfig
+        from mlc_ray.bundle import ModelBundle
 
-        self.local_dir = Path(local_dir)
-        onnx_path = self.local_dir / onnx_file
+        self.bundle = ModelBundle(local_dir)
+        self.local_dir = self.bundle.root
+        onnx_path = self.bundle.path(onnx_file)
         if not onnx_path.is_file():
             raise UserError(f"{onnx_path}: model file missing from the bundle (export writes it)")
-        self.labels = load_labels(self.local_dir)
-        self.preprocess = PreprocessConfig.from_dict(
-            json.loads((self.local_dir / "preprocess.json").read_text())
-        )
+        self.labels = self.bundle.labels()
+        self.preprocess = self.bundle.preprocess()
         options = ort.SessionOptions()
         options.intra_op_num_threads = _onnx_threads()
         options.inter_op_num_threads = 1
@@ -77,12 +66,10 @@ class BundleScorer:
 
     def prepare(self, data: bytes) -> tuple[np.ndarray | None, str | None]:
         """Decode and resize one image; returns (uint8 HWC array, None) or (None, 'code: message')."""
-        from mlc_ray.data.images import decode_image, preprocess_eval
+        from mlc_ray.data.images import prepare_image
 
-        decoded = decode_image(data)
-        if decoded.error is not None:
-            return None, f"{decoded.error.code}: {decoded.error.message}"
-        return preprocess_eval(decoded.array, self.preprocess), None
+        prepared = prepare_image(data, self.preprocess)
+        return prepared.pixels, prepared.error
 
     def run(self, batch_nhwc: np.ndarray) -> np.ndarray:
         """Probabilities (N, L) float32 for a uint8 NHWC batch."""
@@ -148,17 +135,6 @@ def _targets_for(manifest: Any, labels: list[str], where: str) -> np.ndarray:
     return multi_hot[:, [vocab.index(x) for x in labels]]
 
 
-def _threshold_values(local_dir: Path, labels: list[str]) -> np.ndarray:
-    from mlc_ray.calibrate import Thresholds
-
-    thresholds = Thresholds.load(str(local_dir / "thresholds.json"))
-    by_label = dict(zip(thresholds.labels, thresholds.values, strict=True))
-    missing = [x for x in labels if x not in by_label]
-    if missing:
-        raise UserError(f"{local_dir / 'thresholds.json'}: no threshold for labels {missing[:10]}")
-    return np.asarray([by_label[x] for x in labels], dtype=np.float32)
-
-
 def _read_all(uris: Sequence[str]) -> list[bytes | None]:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -198,7 +174,7 @@ def evaluate_bundle(
     local_dir = Path(local_dir)
     scorer = BundleScorer(local_dir)
     targets = _targets_for(manifest, scorer.labels, str(local_dir))
-    thresholds = _threshold_values(local_dir, scorer.labels)
+    thresholds = scorer.bundle.threshold_values()
     if images is None:
         images = _read_all(manifest.images)
     scores, errors = scorer.score_bytes(images, batch_size=batch_size)

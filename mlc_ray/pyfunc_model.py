@@ -8,8 +8,8 @@ the same shape as the tag table's column) and ``error`` (null when the image was
 image is a row with ``error`` set, never an exception).
 
 Scoring uses the version's fp32 ``model.onnx``, ``preprocess.json``, ``labels.json`` and
-``thresholds.json`` (logged as pyfunc ``artifacts``) through ``mlc_ray.evaluation.BundleScorer``,
-the same path promotion evaluates. The ``mlc_ray`` package must therefore be importable where the
+``thresholds.json`` (logged as pyfunc ``artifacts``, read by ``mlc_ray.bundle.ModelBundle``) through
+``mlc_ray.evaluation.BundleScorer``, the same image path promotion evaluates and tagging runs. The ``mlc_ray`` package must therefore be importable where the
 model is loaded: ``pip install mlc_ray`` (the registry also records it in the model's pip
 requirements). Heavy imports live in ``load_context`` so that logging the model stays cheap.
 """
@@ -30,7 +30,6 @@ class ImageTaggerModel(PythonModel):
     def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's PythonModelContext
         from pathlib import Path
 
-        from mlc_ray.calibrate import Thresholds
         from mlc_ray.evaluation import BundleScorer
 
         missing = [k for k in REQUIRED_ARTIFACTS if k not in context.artifacts]
@@ -41,12 +40,7 @@ class ImageTaggerModel(PythonModel):
         bundle_dir = Path(context.artifacts["onnx"]).parent
         self._scorer = BundleScorer(bundle_dir, onnx_file=Path(context.artifacts["onnx"]).name)
         self._labels = list(self._scorer.labels)
-        self._thresholds = Thresholds.load(context.artifacts["thresholds"])
-        if list(self._thresholds.labels) != self._labels:
-            raise RuntimeError(
-                f"thresholds.json lists labels {list(self._thresholds.labels)[:5]}... in another order than "
-                f"labels.json {self._labels[:5]}...: the bundle is inconsistent"
-            )
+        self._thresholds = self._scorer.bundle.thresholds()  # refused when its labels are not labels.json's
 
     # `pd.DataFrame` is the one input hint MLflow 3 takes as "schema from the signature/example":
     # the explicit signature the registry records stays in charge (no type-hint validation).

@@ -38,6 +38,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from mlc_ray import bundle as bundle_layout
 from mlc_ray.cli import UserError
 
 __all__ = [
@@ -64,22 +65,18 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous-champion"
 
-# pyfunc artifact key -> bundle file. Extra regular files in the bundle are logged too (key = name).
-ARTIFACT_FILES: dict[str, str] = {
-    "onnx": "model.onnx",
-    "int8": "model.int8.onnx",
-    "ncnn_param": "model.ncnn.param",
-    "ncnn_bin": "model.ncnn.bin",
-    "weights": "model.pt",
-    "model_config": "model.json",
-    "labels": "labels.json",
-    "preprocess": "preprocess.json",
-    "thresholds": "thresholds.json",
-    "metrics": "metrics.json",
-}
-REQUIRED_FILES = ("model.onnx", "labels.json", "preprocess.json", "thresholds.json")
+# pyfunc artifact key -> bundle file (mlc_ray.bundle's one list). Extra regular files in the bundle
+# are logged too (key = name).
+ARTIFACT_FILES: dict[str, str] = {key: name for name, key in bundle_layout.PYFUNC_KEYS.items()}
+REQUIRED_FILES = bundle_layout.REQUIRED_FOR_INFERENCE
 # Small files also logged as plain run artifacts, so they are readable in the MLflow UI.
-UI_FILES = ("thresholds.json", "labels.json", "preprocess.json", "metrics.json", "model.json")
+UI_FILES = (
+    bundle_layout.THRESHOLDS,
+    bundle_layout.LABELS,
+    bundle_layout.PREPROCESS,
+    bundle_layout.METRICS,
+    bundle_layout.MODEL_JSON,
+)
 SHA_TAG_PREFIX = "sha256."
 MODEL_ARTIFACT_SUBDIR = "artifacts"  # where pyfunc puts `artifacts=` files inside the logged model
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -174,21 +171,9 @@ def _local_bundle(bundle_dir: str) -> Iterator[Path]:
     if not storage.is_s3(bundle_dir):
         path = Path(bundle_dir.removeprefix("file://")).expanduser()
         if not path.is_dir():
-            raise UserError(f"model bundle {bundle_dir} is not a directory (train/export write one)")
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="mlc_ray-bundle-") as tmp:
-        prefix = bundle_dir.rstrip("/") + "/"
-        count = 0
-        for obj in storage.iter_objects(prefix):
-            rel = obj.uri[len(prefix) :]
-            if "/" in rel or not rel:  # a bundle is flat; ignore sub-folders (e.g. checkpoints)
-                continue
-            storage.download_file(obj.uri, str(storage.safe_local_path(tmp, rel)))
-            count += 1
-        if count == 0:
-            raise UserError(f"model bundle {bundle_dir} is empty or missing")
-        yield Path(tmp)
+            raise UserError(f"model bundle {bundle_dir} does not exist (train/export write one)")
+    with bundle_layout.local_bundle(bundle_dir) as local:
+        yield local.root
 
 
 def _bundle_artifacts(local: Path) -> dict[str, Path]:
@@ -297,9 +282,8 @@ def register_bundle(
     with _local_bundle(bundle_dir) as local:
         artifacts = _bundle_artifacts(local)
         shas = {path.name: _sha256_file(path) for path in artifacts.values()}
-        metrics: dict[str, Any] = {}
-        if (local / "metrics.json").is_file():
-            metrics = json.loads((local / "metrics.json").read_text())
+        bundle = bundle_layout.ModelBundle(local)
+        metrics: dict[str, Any] = bundle.metrics() if bundle.has(bundle_layout.METRICS) else {}
         scalar_metrics = _scalar_metrics(metrics)
 
         version_tags: dict[str, str] = {f"{SHA_TAG_PREFIX}{f}": sha for f, sha in shas.items()}
@@ -310,8 +294,8 @@ def register_bundle(
             version_tags["git_commit"] = commit
         for key, value in scalar_metrics.items():
             version_tags[f"metric.{key}"] = f"{value:.6g}"
-        if (local / "model.json").is_file():
-            model_cfg = json.loads((local / "model.json").read_text())
+        if bundle.has(bundle_layout.MODEL_JSON):
+            model_cfg = bundle.model_spec()
             for key in ("arch", "manifest_sha256", "manifest_uri"):
                 if key in model_cfg:
                     version_tags[key] = str(model_cfg[key])
@@ -485,25 +469,20 @@ def resolve_model(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     """Pin ``uri`` to one version and return its verified local files (downloaded once per version).
 
     ``uri``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a bundle directory (local or
-    s3://; not verified: a bundle carries no sha256 tags). Files are cached under
-    ``cache_dir/NAME/VERSION`` (default ``~/.cache/mlc_ray/models``, or ``$MLC_RAY_MODEL_CACHE``);
-    a cached copy that no longer matches the tags is downloaded again, and a download that does
-    not match raises ``ArtifactIntegrityError``.
+    s3://). Files are cached under ``cache_dir/NAME/VERSION`` (default ``~/.cache/mlc_ray/models``,
+    or ``$MLC_RAY_MODEL_CACHE``); a cached copy that no longer matches the version's sha256 tags is
+    downloaded again, and a download that does not match raises ``ArtifactIntegrityError``. An
+    s3:// bundle is cached by content: every resolve reads its ``sha256.json`` (the bundle's manifest
+    of hashes) and checks the cached files against it, so a bundle re-exported under the same
+    prefix is downloaded again; a bundle written before manifests existed is compared by its
+    listing (name, size, ETag) instead.
     """
     from mlc_ray import storage
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not uri.startswith("models:/"):
         if storage.is_s3(uri):
-            key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-            target = cache / "_bundles" / key
-            if not (target / "model.onnx").is_file():
-                with _local_bundle(uri) as local:
-                    tmp = target.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
-                    shutil.copytree(local, tmp)
-                    shutil.rmtree(target, ignore_errors=True)
-                    os.replace(tmp, target)
-            local_dir = target
+            local_dir = _cached_s3_bundle(uri, cache)
         else:
             local_dir = Path(uri.removeprefix("file://")).expanduser()
         _bundle_artifacts(local_dir)  # required files present, clear error otherwise
@@ -527,6 +506,71 @@ def resolve_model(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     verify_artifacts(bundle_dir, tags, where=where)
     log.info("model %s -> %s (downloaded to %s, sha256 verified)", uri, where, bundle_dir)
     return ResolvedModel(name, version, alias, str(bundle_dir), uri, tags)
+
+
+def _s3_listing(uri: str) -> dict[str, list]:
+    """name -> [size, etag] of the bundle's top-level objects (what a legacy bundle is keyed by)."""
+    from mlc_ray import storage
+
+    prefix = uri.rstrip("/") + "/"
+    listing = {}
+    for obj in storage.iter_objects(prefix):
+        rel = obj.uri[len(prefix) :]
+        if rel and "/" not in rel:
+            listing[rel] = [getattr(obj, "size", None), getattr(obj, "etag", None)]
+    return listing
+
+
+def _cached_s3_bundle(uri: str, cache: Path) -> Path:
+    """The local copy of an s3:// bundle, checked against the bundle's current content on every call."""
+    from mlc_ray import storage
+
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    target = cache / "_bundles" / key
+    stamp = target.parent / f"{key}.listing.json"  # beside the copy: the bundle dir holds bundle files only
+    manifest_uri = storage.join(uri, bundle_layout.SHA256_MANIFEST)
+    try:
+        expected = bundle_layout.parse_manifest(storage.read_text(manifest_uri), manifest_uri)
+    except FileNotFoundError:
+        expected = None
+    if expected is not None:
+        if target.is_dir():
+            cached = bundle_layout.ModelBundle(target)
+            try:
+                cached.verify(expected)
+                extra = sorted(set(cached.present()) - set(expected))
+                if not extra:
+                    log.info("model bundle %s: cached copy matches its sha256.json (%s)", uri, target)
+                    return target
+                log.info("model bundle %s no longer has %s; downloading again", uri, ", ".join(extra))
+            except bundle_layout.BundleIntegrityError as exc:
+                log.info("model bundle %s changed since it was cached (%s); downloading again", uri, exc)
+        fingerprint = None
+    else:
+        fingerprint = _s3_listing(uri)
+        if target.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
+            return target
+        log.info("model bundle %s has no sha256.json: keyed by its listing (size, ETag)", uri)
+    tmp = target.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with _local_bundle(uri) as local:
+            shutil.copytree(local, tmp)
+        if expected is not None:
+            try:
+                bundle_layout.ModelBundle(tmp).verify(expected)
+            except bundle_layout.BundleIntegrityError as exc:
+                raise ArtifactIntegrityError(
+                    f"{uri}: the downloaded files do not match the bundle's sha256.json ({exc}); if the "
+                    "bundle is being re-exported right now, run again when the export has finished"
+                ) from None
+        stamp.unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        if fingerprint is not None:
+            stamp.write_text(json.dumps(fingerprint, sort_keys=True))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 # --------------------------------------------------------------------------------------------- promote

@@ -23,6 +23,14 @@ Preprocessing is described by one ``PreprocessConfig`` (saved as ``preprocess.js
 bundle). Pixels travel as uint8 NHWC; ``normalize_batch_numpy`` is the reference implementation of the
 normalisation that the model applies in its graph (ImageNet mean/std, or seed 000's per-image
 standardisation).
+
+**The one image path.** Every consumer of a model's pixels goes through this module with the
+bundle's ``PreprocessConfig``: ``decode_for_model`` (the decode, with the bundle's ``decode`` policy:
+``draft`` = reduced-scale JPEG decode never smaller than the resize that follows, or ``full``) is what
+training decodes with before augmenting; ``prepare_image`` / ``read_and_prepare`` (decode +
+``preprocess_eval`` or ``ten_crop``) is what validation, calibration, 10-crop scoring, the export
+parity checks and the int8 gate, promotion, the pyfunc model and bulk tagging feed the model. So the
+thresholds fitted on validation scores were fitted on the pixels tagging produces.
 """
 
 from __future__ import annotations
@@ -44,6 +52,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("imagenet", "per_image")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR}
+# How JPEGs are decoded for a model: "draft" lets libjpeg decode at a reduced DCT scale that is never
+# smaller than the size the image is resized to next (the resize averages the rest away); "full"
+# decodes every pixel. Chosen by measurement (BENCHMARKS.md "Decode policy"): draft is what new bundles
+# record. A preprocess.json written before the field existed was calibrated on full decodes, so a
+# bundle without the key reads as LEGACY_DECODE.
+DECODE_POLICIES = ("draft", "full")
+DEFAULT_DECODE = "draft"
+LEGACY_DECODE = "full"
+VIEWS = ("single", "10crop")  # what prepare_image returns: one resized view, or seed 003's 10 crops
 ERROR_CODES = ("empty", "not_image", "truncated", "too_large", "corrupt", "unsupported")
 
 _EXIF_ORIENTATION = 0x0112
@@ -261,6 +278,7 @@ class PreprocessConfig:
     resize_scale: float = 1.14  # 10-crop: resize to round(image_size * resize_scale), then crop
     interpolation: str = "bilinear"  # PIL bilinear (antialiased when shrinking)
     channel_order: str = "RGB"  # pixels are RGB everywhere; recorded for non-Python consumers (ncnn)
+    decode: str = DEFAULT_DECODE  # JPEG decode policy (DECODE_POLICIES); absent in old bundles -> "full"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 8:
@@ -289,6 +307,8 @@ class PreprocessConfig:
             )
         if self.channel_order != "RGB":
             raise ValueError(f"preprocess.channel_order must be 'RGB', got {self.channel_order!r}")
+        if self.decode not in DECODE_POLICIES:
+            raise ValueError(f"preprocess.decode must be one of {DECODE_POLICIES}, got {self.decode!r}")
 
     @property
     def resize_size(self) -> int:
@@ -311,7 +331,10 @@ class PreprocessConfig:
                 f"preprocess config: unknown key(s) {unknown}; known keys are {sorted(known)} "
                 "(was preprocess.json written by a newer mlc_ray?)"
             )
-        return cls(**dict(data))
+        data = dict(data)
+        # written before the decode policy was recorded: those bundles were calibrated on full decodes
+        data.setdefault("decode", LEGACY_DECODE)
+        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -357,6 +380,84 @@ def ten_crop(array: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     crops = [big[y : y + s, x : x + s] for y, x in origins]
     crops += [crop[:, ::-1] for crop in crops]
     return np.ascontiguousarray(np.stack(crops))
+
+
+# ----------------------------------------------------------------------------------------------
+# the one image path: bytes -> decode (the bundle's policy) -> preprocess
+
+
+def decode_for_model(
+    data: bytes | bytearray | memoryview | None,
+    cfg: PreprocessConfig,
+    *,
+    view: str = "single",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
+    """``decode_image`` with ``cfg.decode``: the decode training (before augmenting), evaluation and
+    tagging all use. ``draft`` never decodes below the size the view resizes to (``image_size``;
+    ``resize_size`` for 10-crop)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    target = None
+    if cfg.decode == "draft":
+        target = cfg.resize_size if view == "10crop" else cfg.image_size
+    return decode_image(data, max_pixels=max_pixels, target_size=target)
+
+
+@dataclass
+class PreparedImage:
+    """Model input for one image: ``pixels`` uint8 (S, S, 3) for view "single", (10, S, S, 3) for
+    "10crop"; or ``error`` ("code: message"). ``width``/``height``: the upright original (0 = unknown)."""
+
+    pixels: np.ndarray | None
+    width: int
+    height: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def prepare_image(
+    data: bytes | bytearray | memoryview | None,
+    cfg: PreprocessConfig,
+    *,
+    view: str = "single",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> PreparedImage:
+    """Bytes -> model input, the way every evaluation consumer and bulk tagging do it; never raises
+    for bad data (the error is in the result)."""
+    decoded = decode_for_model(data, cfg, view=view, max_pixels=max_pixels)
+    if decoded.error is not None:
+        return PreparedImage(
+            None, decoded.width, decoded.height, f"{decoded.error.code}: {decoded.error.message}"
+        )
+    pixels = ten_crop(decoded.array, cfg) if view == "10crop" else preprocess_eval(decoded.array, cfg)
+    return PreparedImage(pixels, decoded.width, decoded.height)
+
+
+def read_and_prepare(uri: str, cfg: PreprocessConfig, *, view: str = "single") -> PreparedImage:
+    """``prepare_image`` of the object at ``uri`` (local path or s3://, through ``mlc_ray.storage``).
+    A missing object is ``missing: ...``, any other read failure ``unreadable: ...``."""
+    from mlc_ray import storage
+
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        return PreparedImage(None, 0, 0, f"missing: {exc}")
+    except Exception as exc:  # permissions, network after retries: one image's problem, not the job's
+        return PreparedImage(None, 0, 0, f"unreadable: {type(exc).__name__}: {exc}")
+    return prepare_image(data, cfg, view=view)
+
+
+def stack_views(prepared: list[PreparedImage], cfg: PreprocessConfig, view: str = "single") -> np.ndarray:
+    """The uint8 batch of the images that prepared without error (an empty batch of the right shape)."""
+    pixels = [p.pixels for p in prepared if p.error is None]
+    if pixels:
+        return np.stack(pixels)
+    s = cfg.image_size
+    return np.zeros((0, 10, s, s, 3) if view == "10crop" else (0, s, s, 3), dtype=np.uint8)
 
 
 def normalize_batch_numpy(batch: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:

@@ -27,16 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from mlc_ray.bundle import EXPORT_FILES as FORMAT_FILES  # the bundle's one file list
+from mlc_ray.bundle import SHA256_MANIFEST
+
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportReport", "FormatResult", "export_bundle"]
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("onnx", "int8", "ncnn")
-FORMAT_FILES = {
-    "onnx": ("model.onnx",),
-    "int8": ("model.int8.onnx",),
-    "ncnn": ("model.ncnn.param", "model.ncnn.bin"),
-}
+
 PARITY_IMAGES = 32  # images used for the parity checks (validation images when given)
 
 
@@ -185,6 +184,8 @@ def export_bundle(
                     storage.upload_file(local / name, uri)
                 else:
                     storage.delete(uri)
+        # last: the manifest of hashes that model caches compare with (see mlc_ray.bundle)
+        storage.upload_file(local / SHA256_MANIFEST, storage.join(bundle_dir, SHA256_MANIFEST))
         return report
 
 
@@ -225,14 +226,14 @@ def _export_local(
         t0 = time.perf_counter()
         result = FormatResult("onnx", "failed")
         try:
-            export_onnx(model, root / "model.onnx", image_size=size)
+            export_onnx(model, bundle.onnx_path, image_size=size)
             result.parity = parity.compare_probabilities(
                 "onnxruntime fp32",
                 reference,
-                onnx_probabilities(root / "model.onnx", check_images, threads=threads),
+                onnx_probabilities(bundle.onnx_path, check_images, threads=threads),
             )
             result.parity.require()
-            result.status, result.files = "ok", ["model.onnx"]
+            result.status, result.files = "ok", list(FORMAT_FILES["onnx"])
         except Exception as exc:  # noqa: BLE001  (any failure stops this artifact, with its reason)
             result.reason = f"{type(exc).__name__}: {exc}"
             _remove(root, FORMAT_FILES["onnx"])
@@ -256,7 +257,7 @@ def _export_local(
             try:
                 from mlc_ray.export.ncnn import convert_to_ncnn
 
-                param, weights = convert_to_ncnn(root / "model.onnx", root, fp16=ncnn_fp16)
+                param, weights = convert_to_ncnn(bundle.onnx_path, root, fp16=ncnn_fp16)
                 probs = parity.ncnn_probabilities(param, weights, check_images, threads=threads)
                 result.parity = parity.compare_probabilities(
                     f"ncnn (fp16 weights={ncnn_fp16})", reference, probs
@@ -269,6 +270,7 @@ def _export_local(
         result.seconds = time.perf_counter() - t0
         report.results["ncnn"] = result
 
+    bundle.write_manifest()  # sha256.json now lists the files that passed
     report.seconds = time.perf_counter() - started
     for fmt, result in report.results.items():
         if not result.ok:
@@ -309,9 +311,9 @@ def _export_int8(
         targets = np.asarray(val_targets)
         if targets.shape[0] != len(val_images):
             raise ValueError(f"val_targets has {targets.shape[0]} rows for {len(val_images)} val_images")
-        quantize_int8(root / "model.onnx", root / "model.int8.onnx", calibration_images)
-        fp32 = onnx_probabilities(root / "model.onnx", val_images, threads=threads)
-        int8 = onnx_probabilities(root / "model.int8.onnx", val_images, threads=threads)
+        quantize_int8(bundle.onnx_path, bundle.int8_path, calibration_images)
+        fp32 = onnx_probabilities(bundle.onnx_path, val_images, threads=threads)
+        int8 = onnx_probabilities(bundle.int8_path, val_images, threads=threads)
         result.parity = parity.compare_probabilities(
             "onnxruntime int8",
             fp32,
@@ -324,7 +326,7 @@ def _export_int8(
         report.gate = gate
         result.reason = gate.reason
         if gate.passed:
-            result.status, result.files = "ok", ["model.int8.onnx"]
+            result.status, result.files = "ok", list(FORMAT_FILES["int8"])
         else:
             result.status = "failed"
             _remove(root, FORMAT_FILES["int8"])

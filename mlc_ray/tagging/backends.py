@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlc_ray.bundle import EXPORT_FILES, ONNX_BY_PRECISION
+
 __all__ = ["ModelFiles", "InferenceBackend", "OnnxBackend", "NcnnBackend", "model_files_for", "make_backend"]
 
-ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-NCNN_FILES = ("model.ncnn.param", "model.ncnn.bin")
+
+ONNX_FILES = ONNX_BY_PRECISION  # the bundle's one file list (mlc_ray.bundle)
+NCNN_FILES = EXPORT_FILES["ncnn"]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ oversubscribed) and a warning says so, because a pool that holds every CPU never
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -314,17 +313,14 @@ class Predictor:
     def _prepare(
         self, item: tuple[bytes | None, str | None]
     ) -> tuple[np.ndarray | None, int | None, int | None, str | None]:
-        from mlc_ray.data.images import decode_image, preprocess_eval
+        from mlc_ray.data.images import prepare_image
 
         data, read_error = item
         if read_error is not None:
             return None, None, None, read_error
-        decoded = decode_image(data, target_size=self.preprocess.image_size)
-        if decoded.error is not None:
-            w = decoded.width or None
-            h = decoded.height or None
-            return None, w, h, f"{decoded.error.code}: {decoded.error.message}"
-        return preprocess_eval(decoded.array, self.preprocess), decoded.width, decoded.height, None
+        # the one image path (decode policy from preprocess.json): what calibration and pyfunc score
+        prepared = prepare_image(data, self.preprocess)
+        return prepared.pixels, prepared.width or None, prepared.height or None, prepared.error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._busy_since = time.monotonic()
@@ -466,30 +462,19 @@ def _resolve(cfg: TagConfig) -> _Model:
             resolved.pinned_uri, resolved.name, str(resolved.version), resolved.alias, resolved.local_dir
         )
     # A bare bundle directory: its name, and the content hash of its fp32 graph as the "version".
-    with open(os.path.join(resolved.local_dir, "model.onnx"), "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+    from mlc_ray.bundle import ModelBundle, sha256_file
+
+    digest = sha256_file(ModelBundle(resolved.local_dir).onnx_path)[:12]
     name = os.path.basename(cfg.model.rstrip("/")) or "bundle"
     return _Model(f"{cfg.model.rstrip('/')}#{digest}", name, f"bundle-{digest}", None, resolved.local_dir)
 
 
 def _load_model_metadata(local_dir: str) -> tuple[list[str], Any, dict]:
-    from mlc_ray.calibrate import Thresholds
-    from mlc_ray.evaluation import load_labels
+    from mlc_ray.bundle import ModelBundle
 
-    labels = load_labels(local_dir)
-    path = os.path.join(local_dir, "thresholds.json")
-    try:
-        thresholds = Thresholds.load(path)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    if list(thresholds.labels) != labels:
-        raise UserError(
-            f"{path}: thresholds are for labels {thresholds.labels[:5]}..., but labels.json lists "
-            f"{labels[:5]}...; the bundle is inconsistent: recalibrate or re-export it"
-        )
-    with open(os.path.join(local_dir, "preprocess.json")) as fh:
-        preprocess = json.load(fh)
-    return labels, thresholds, preprocess
+    bundle = ModelBundle(local_dir)
+    # thresholds() refuses a thresholds.json whose labels are not labels.json's
+    return bundle.labels(), bundle.thresholds(), bundle.preprocess().to_dict()
 
 
 def _list_shards(

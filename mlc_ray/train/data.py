@@ -6,7 +6,8 @@ of (index, uri, label ids) and Ray Data does the rest in its own tasks, streamin
   [1] ``ray.data.from_arrow`` of those rows, a few dozen rows per block (train: block order
       re-randomised every epoch)
   [2] ``map_batches(decode_batch)`` tasks: read the bytes (``mlc_ray.storage``, local or s3://),
-      ``decode_image``, then ``TrainAugment`` (train, ``augment`` settings) or ``preprocess_eval`` (val) -> uint8 NHWC
+      ``decode_for_model`` (the decode every model input goes through, with ``preprocess.decode``), then
+      ``TrainAugment`` (train, ``augment`` settings) or ``preprocess_eval`` (val) -> uint8 NHWC
       ``image``, float32 multi-hot ``target``, int64 ``index`` (row in its manifest)
   [3] each Ray Train worker reads its shard with ``get_dataset_shard(name).iter_torch_batches``.
 
@@ -137,7 +138,7 @@ def decode_batch(
         AugmentConfig,
         PreprocessConfig,
         TrainAugment,
-        decode_image,
+        decode_for_model,
         preprocess_eval,
     )
 
@@ -163,7 +164,7 @@ def decode_batch(
             # (a throttled GET whose retries ran out is botocore's ClientError, not an OSError)
             bad.append((int(index), uri, "read_error", f"{type(exc).__name__}: {exc}"))
             continue
-        decoded = decode_image(data)
+        decoded = decode_for_model(data, cfg)  # the one decode (bundle policy); augmentation on top
         if decoded.error is not None:
             bad.append((int(index), uri, decoded.error.code, decoded.error.message))
             continue

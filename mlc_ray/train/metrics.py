@@ -8,7 +8,9 @@ scikit-learn on the same inputs:
   and ``mAP`` is the mean over the labels that have positives (``NaN`` if none has).
 * ``micro_* / macro_* / samples_*`` precision, recall and F1 equal ``precision_recall_fscore_support``
   with ``zero_division=0``; predictions are ``scores >= thresholds`` (the same rule as
-  ``Thresholds.apply``), thresholds a scalar or one per label.
+  ``Thresholds.apply``), thresholds a scalar, one per label, or one per row and label (the
+  cross-fitted thresholds of ``mlc_ray.calibrate.cross_fit_thresholds``: each row judged by
+  thresholds fitted without it).
 * ``subset_accuracy`` is the exact-match ratio (sklearn's ``accuracy_score`` on multi-label input).
 
 Per-label values are float64 arrays of shape (L,), in label order; ``jsonable_metrics`` turns the dict
@@ -129,7 +131,13 @@ def compute_metrics(
     n, n_labels = s.shape
     if labels is not None and len(labels) != n_labels:
         raise ValueError(f"{len(labels)} label names for {n_labels} score columns")
-    pred = s >= _thresholds(thresholds, n_labels)[None, :]
+    th = np.asarray(thresholds, dtype=np.float64)
+    if th.ndim == 2:  # one threshold per row and label (cross-fitted: fitted without the row's fold)
+        if th.shape != s.shape:
+            raise ValueError(f"per-row thresholds must have the scores' shape {s.shape}; got {th.shape}")
+        pred = s >= th
+    else:
+        pred = s >= _thresholds(thresholds, n_labels)[None, :]
 
     tp_mat = pred & y
     tp = tp_mat.sum(axis=0)

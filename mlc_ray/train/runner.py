@@ -7,9 +7,12 @@
   [2] ``TorchTrainer(train_loop_per_worker)`` with ``RunConfig(name=run_name, storage_path=...)``:
       checkpoints every epoch, keeps the best K by val mAP, recovers from ``max_failures`` worker
       failures; starting the same run name again resumes from its latest checkpoint
-  [3] from the best checkpoint: weights + the validation scores gathered across workers (or, with
-      ``tta=10crop``, a fresh 10-crop scoring pass); per-label thresholds (``calibrate_thresholds``);
-      metrics at 0.5 and at the calibrated thresholds
+  [3] from the best checkpoint: weights + the validation scores gathered across workers (single
+      view: the pixels tagging produces, ``mlc_ray.data.images``); per-label thresholds fitted on all
+      of them (``thresholds.json``) and, for the reported calibrated metrics, cross-fitted over
+      ``CALIBRATION_FOLDS`` folds (``cross_fit_thresholds``: each row judged by thresholds fitted
+      without it); metrics at 0.5. With ``tta=10crop`` a 10-crop scoring pass adds *evaluation-only*
+      metrics (tagging scores one view, so the shipped thresholds stay fitted on single-view scores)
   [4] the model bundle (model.pt, model.json, labels.json, preprocess.json, thresholds.json,
       metrics.json; see docs/internals.md) written under a temporary name, then committed
   [5] MLflow: final metrics, resolved config, label-distribution chart, PR curves, per-label table
@@ -35,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mlc_ray.bundle import SHA256_MANIFEST, TRAINING_FILES
 from mlc_ray.train.config import TrainConfig
 
 __all__ = ["TrainResult", "run_training", "run_train_job", "HEARTBEAT_ENV"]
@@ -45,7 +49,10 @@ log = logging.getLogger(__name__)
 # watching a run and for the fault-injection tests that kill a worker mid-run.
 HEARTBEAT_ENV = "MLC_RAY_TRAIN_HEARTBEAT_DIR"
 
-BUNDLE_FILES = ("model.pt", "model.json", "labels.json", "preprocess.json", "thresholds.json", "metrics.json")
+BUNDLE_FILES = (*TRAINING_FILES, SHA256_MANIFEST)  # what a training stage commits
+CALIBRATION_FOLDS = 5  # cross-fitting folds for the reported calibrated metrics
+# What each reported figure was measured on (the summary, metrics.json "measured_on", MLflow tags).
+MEASURED_ON_05 = "validation rows, threshold 0.5 (nothing fitted on them)"
 
 
 @dataclass
@@ -54,7 +61,7 @@ class TrainResult:
 
     bundle_dir: str  # the committed model bundle
     labels: list[str]
-    metrics: dict[str, Any]  # compute_metrics at the calibrated thresholds
+    metrics: dict[str, Any]  # compute_metrics at cross-fitted thresholds (each row: fitted without it)
     metrics_at_05: dict[str, Any]  # compute_metrics at 0.5
     thresholds: Any  # mlc_ray.calibrate.Thresholds
     val_scores: np.ndarray  # (N, L) float32, rows = val_indices
@@ -70,6 +77,8 @@ class TrainResult:
     train_manifest: Any = None  # the training Manifest (int8 calibration images for export)
     run_name: str = ""
     mining_report: Any = None  # mlc_ray.train.mining.MiningReport when the job ran hard-sample mining
+    measured_on: dict[str, str] = field(default_factory=dict)  # figure -> the data it was measured on
+    metrics_10crop: dict[str, Any] | None = None  # tta=10crop: {"at_0.5": ..., "calibrated": ...}
 
     def summary(self) -> str:
         """The table the job prints: per-label AP/F1, averages at 0.5 and calibrated, speed, run id."""
@@ -78,15 +87,22 @@ class TrainResult:
         m05, mcal = self.metrics_at_05, self.metrics
         lines = [
             f"validation: {len(self.val_indices)} images, {len(self.labels)} labels; "
-            f"thresholds: {self.thresholds.method}",
+            f"thresholds: {self.thresholds.method}, fitted on all {len(self.val_indices)} validation images "
+            "(thresholds.json)",
             "",
-            "at the calibrated thresholds:",
+            "at cross-fitted thresholds (" + self.measured_on.get("calibrated", "cross-fitted") + "):",
             format_metrics_table(mcal, self.labels),
             "",
-            f"{'':<22}{'@0.5':>10}{'calibrated':>12}",
+            f"{'':<22}{'@0.5':>10}{'calibrated (cross-fitted)':>28}",
         ]
         for key in ("mAP", "micro_f1", "macro_f1", "samples_f1"):
-            lines.append(f"{key:<22}{m05[key]:>10.4f}{mcal[key]:>12.4f}")
+            lines.append(f"{key:<22}{m05[key]:>10.4f}{mcal[key]:>28.4f}")
+        if self.metrics_10crop:
+            t05, tcal = self.metrics_10crop["at_0.5"], self.metrics_10crop["calibrated"]
+            lines.append("10-crop (evaluation only: tagging scores one view with the single-view thresholds)")
+            for key in ("mAP", "micro_f1", "macro_f1"):
+                lines.append(f"{'  10crop ' + key:<22}{t05[key]:>10.4f}{tcal[key]:>28.4f}")
+        lines += ["", "measured on:"] + [f"  {k}: {v}" for k, v in self.measured_on.items()]
         if self.mining_report is not None:
             lines += [
                 "",
@@ -169,12 +185,12 @@ def _model_weights(state: dict[str, Any]) -> dict[str, Any]:
 
 def _commit_bundle(local_dir: Path, target: str) -> None:
     """Local: build beside the target, then swap by rename. S3: upload each file (atomic per object),
-    metrics.json last, so a reader that sees metrics.json sees a complete bundle."""
+    metrics.json then sha256.json last, so a reader that sees them sees a complete bundle."""
     from mlc_ray import storage
 
     if storage.is_s3(target):
         names = sorted(p.name for p in local_dir.iterdir())
-        names.sort(key=lambda n: n == "metrics.json")
+        names.sort(key=lambda n: (n == SHA256_MANIFEST, n == "metrics.json"))
         for name in names:
             storage.upload_file(local_dir / name, storage.join(target, name))
         return
@@ -220,7 +236,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mlc_ray.calibrate import calibrate_thresholds
+    from mlc_ray.bundle import LABELS, METRICS, MODEL_JSON, PREPROCESS, THRESHOLDS, WEIGHTS, ModelBundle
+    from mlc_ray.calibrate import cross_fit_thresholds
     from mlc_ray.cli import JobError, init_ray
     from mlc_ray.config import config_to_yaml
     from mlc_ray.data.demo import ensure_demo_data
@@ -361,33 +378,70 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             bundle = Path(tmp)
             buf = io.BytesIO()
             torch.save(tagger.state_dict(), buf)
-            (bundle / "model.pt").write_bytes(buf.getvalue())
-            (bundle / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-            (bundle / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
-            (bundle / "preprocess.json").write_text(preprocess.to_json())
-            if cfg.tta == "10crop":
-                val_index, val_scores, val_targets = _score_10crop(str(bundle), data.val, labels)
-            thresholds = calibrate_thresholds(val_scores, val_targets, labels, method=cfg.calibration)
+            (bundle / WEIGHTS).write_bytes(buf.getvalue())
+            (bundle / MODEL_JSON).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+            (bundle / LABELS).write_text(json.dumps(labels, indent=2) + "\n")
+            (bundle / PREPROCESS).write_text(preprocess.to_json())
+            # Thresholds are fitted on single-view scores, the way tagging and pyfunc score; the
+            # calibrated figures come from cross-fitting (never from the rows a threshold was fitted on).
+            crossfit = cross_fit_thresholds(
+                val_scores,
+                val_targets,
+                labels,
+                method=cfg.calibration,
+                folds=CALIBRATION_FOLDS,
+                seed=cfg.seed,
+            )
+            thresholds = crossfit.thresholds
             m05 = compute_metrics(val_scores, val_targets, 0.5, labels=labels)
-            mcal = compute_metrics(val_scores, val_targets, thresholds.as_array(), labels=labels)
-            (bundle / "thresholds.json").write_text(thresholds.to_json())
+            mcal = compute_metrics(val_scores, val_targets, crossfit.row_thresholds, labels=labels)
+            n_val = len(val_index)
+            measured_on = {
+                "at_0.5": f"{n_val} {MEASURED_ON_05}",
+                "calibrated": f"{n_val} validation rows, {crossfit.description}",
+                "thresholds.json": f"fitted on all {n_val} validation rows, single-view scores",
+                "checkpoint": f"epoch chosen by val mAP on the same {n_val} rows (threshold-free)",
+            }
+            metrics_10crop = None
+            if cfg.tta == "10crop":
+                metrics_10crop = _evaluate_10crop(str(bundle), data.val, labels, cfg)
+                measured_on["10crop"] = (
+                    f"{n_val} validation rows scored with 10 crops (evaluation only; tagging scores one view)"
+                )
+            (bundle / THRESHOLDS).write_text(thresholds.to_json())
             metrics_doc = {
                 "calibrated": jsonable_metrics(mcal, labels),
                 "at_0.5": jsonable_metrics(m05, labels),
+                "measured_on": measured_on,
                 "calibration": thresholds.method,
+                "calibration_folds": crossfit.folds,
                 "tta": cfg.tta,
                 "epoch": int(meta.get("epoch", -1)),
                 "run_name": cfg.run_name,
                 "mlflow_run_id": run_id,
                 "manifest_sha256": data.train.sha256,
             }
-            (bundle / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, sort_keys=True) + "\n")
+            if metrics_10crop is not None:
+                metrics_doc["tta_10crop"] = {
+                    k: jsonable_metrics(v, labels) for k, v in metrics_10crop.items()
+                }
+            (bundle / METRICS).write_text(json.dumps(metrics_doc, indent=2, sort_keys=True) + "\n")
+            ModelBundle(bundle).write_manifest()
             _commit_bundle(bundle, cfg.bundle_dir)
 
         # [5] final MLflow records
         wall = time.perf_counter() - t_start
         images_per_s = _images_per_s(result) if epochs_trained else 0.0
-        mlflow.log_metrics({**scalar_metrics(m05, "final_05_"), **scalar_metrics(mcal, "final_cal_")})
+        # names say the data: val_at05_* (validation, 0.5), val_cv_cal_* (validation, cross-fitted thresholds)
+        mlflow.log_metrics({**scalar_metrics(m05, "val_at05_"), **scalar_metrics(mcal, "val_cv_cal_")})
+        if metrics_10crop is not None:
+            mlflow.log_metrics(
+                {
+                    **scalar_metrics(metrics_10crop["at_0.5"], "val_10crop_at05_"),
+                    **scalar_metrics(metrics_10crop["calibrated"], "val_10crop_cv_cal_"),
+                }
+            )
+        mlflow.set_tags({f"measured_on.{k}": v for k, v in measured_on.items()})
         mlflow.log_metrics({"wall_time_s": wall, "train_images_per_s": images_per_s})
         _log_bytes(tracking.pr_curves_png(val_scores, val_targets, labels), "pr_curves.png")
         csv, md = tracking.per_label_table(m05, mcal, thresholds.values, labels)
@@ -414,6 +468,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         val_manifest=data.val,
         train_manifest=data.train,
         run_name=str(cfg.run_name),
+        measured_on=measured_on,
+        metrics_10crop=metrics_10crop,
     )
 
 
@@ -449,11 +505,22 @@ def _bad_images_csv(entries: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _score_10crop(bundle_dir: str, val: Any, labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _evaluate_10crop(bundle_dir: str, val: Any, labels: list[str], cfg: TrainConfig) -> dict[str, Any]:
+    """``--tta 10crop``: metrics of 10-crop scores, at 0.5 and at thresholds cross-fitted on 10-crop
+    scores. Evaluation only: tagging scores one view, and thresholds.json is fitted on single-view
+    scores, so nothing here changes what ships."""
+    from mlc_ray.calibrate import cross_fit_thresholds
+    from mlc_ray.train.metrics import compute_metrics
     from mlc_ray.train.scoring import score_manifest
 
     scored = score_manifest(bundle_dir, val, tta="10crop")
-    return scored.indices, scored.scores, scored.targets
+    crossfit = cross_fit_thresholds(
+        scored.scores, scored.targets, labels, method=cfg.calibration, folds=CALIBRATION_FOLDS, seed=cfg.seed
+    )
+    return {
+        "at_0.5": compute_metrics(scored.scores, scored.targets, 0.5, labels=labels),
+        "calibrated": compute_metrics(scored.scores, scored.targets, crossfit.row_thresholds, labels=labels),
+    }
 
 
 # ---- the job -------------------------------------------------------------------------------------
@@ -509,32 +576,21 @@ MAX_EXPORT_VAL = 2000  # validation images for the int8 accuracy gate and the pa
 
 
 def _load_pixels(uris: list[str], preprocess: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 NHWC eval-preprocessed pixels, mask of the URIs that decoded)."""
-    from mlc_ray import storage
-    from mlc_ray.data.images import decode_image, preprocess_eval
+    """(uint8 NHWC pixels from the one image path, mask of the URIs that read and decoded)."""
+    from mlc_ray.data.images import read_and_prepare, stack_views
 
-    pixels, ok = [], np.zeros(len(uris), dtype=bool)
-    for k, uri in enumerate(uris):
-        try:
-            decoded = decode_image(storage.read_bytes(uri))
-        except OSError:
-            continue
-        if decoded.error is None:
-            pixels.append(preprocess_eval(decoded.array, preprocess))
-            ok[k] = True
-    size = preprocess.image_size
-    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), ok
+    prepared = [read_and_prepare(uri, preprocess) for uri in uris]
+    ok = np.array([p.error is None for p in prepared], dtype=bool)
+    return stack_views(prepared, preprocess), ok
 
 
 def _export_inputs(result: TrainResult) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """Calibration images (a seeded sample of the training set) and validation images + targets
     (the first MAX_EXPORT_VAL scored val rows) for export's int8 gate and parity checks."""
-    from mlc_ray import storage
-    from mlc_ray.data.images import PreprocessConfig
+    from mlc_ray.bundle import PREPROCESS, local_bundle
 
-    preprocess = PreprocessConfig.from_json(
-        storage.read_text(storage.join(result.bundle_dir, "preprocess.json"))
-    )
+    with local_bundle(result.bundle_dir, files=(PREPROCESS,)) as bundle:
+        preprocess = bundle.preprocess()
     calibration = None
     if result.train_manifest is not None and len(result.train_manifest):
         rng = np.random.default_rng(0)

@@ -6,23 +6,21 @@ of the image resized to ``image_size * resize_scale``; the 10 sigmoid outputs ar
 or max). The stages:
 
   [1] ``ray.data.from_items`` of (index, uri) rows
-  [2] ``map_batches`` tasks: read bytes (``mlc_ray.storage``), ``decode_image``, ``preprocess_eval`` or
-      ``ten_crop`` -> uint8 NHWC pixels; a failed image keeps its row with ``error`` set
+  [2] ``map_batches`` tasks: ``mlc_ray.data.images.read_and_prepare`` (read, decode with the bundle's
+      policy, resize or 10-crop) -> uint8 NHWC pixels; a failed image keeps its row with ``error`` set
   [3] ``map_batches`` with an actor pool (``ActorPoolStrategy(min_size=1, max_size=...)``) of
       ``TaggerActor``: the ImageTagger in eval mode, loaded once per actor, sigmoid on the logits
   [4] collect, order by index: ``ScoreResult(indices, scores, targets, errors)``
 
 ``use_ray=False`` runs the same per-batch functions in this process (small sets, debugging).
 
-The model comes from a bundle directory (local or s3://): ``model.json`` (arch, num_labels, width,
-dropout), ``model.pt`` (the ImageTagger state dict, ``torch.load(weights_only=True)``),
-``preprocess.json`` and ``labels.json``; or from an ``nn.Module`` with ``preprocess=`` and ``labels=``.
+The model comes from a bundle directory (local or s3://, read by ``mlc_ray.bundle.ModelBundle``:
+``model.json``, ``model.pt`` with ``weights_only=True``, ``preprocess.json``, ``labels.json``); or from
+an ``nn.Module`` with ``preprocess=`` and ``labels=``.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,63 +46,38 @@ class ScoreResult:
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (row, uri, reason)
 
 
-def _read_json(uri: str) -> Any:
-    from mlc_ray import storage
-
-    try:
-        return json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{uri}: not valid JSON ({exc})") from None
-
-
 def load_bundle_model(bundle_dir: str) -> tuple[Any, Any, list[str]]:
-    """(ImageTagger in eval mode, PreprocessConfig, labels) from a bundle directory (local or s3://)."""
-    import torch
+    """(ImageTagger in eval mode, PreprocessConfig, labels) from a bundle directory (local or s3://),
+    read through ``ModelBundle``."""
+    from mlc_ray.bundle import BundleError, local_bundle
 
-    from mlc_ray import storage
-    from mlc_ray.data.images import PreprocessConfig
-    from mlc_ray.models import build_tagger
-
-    spec = _read_json(storage.join(bundle_dir, "model.json"))
-    labels = _read_json(storage.join(bundle_dir, "labels.json"))
-    preprocess = PreprocessConfig.from_dict(_read_json(storage.join(bundle_dir, "preprocess.json")))
-    if int(spec.get("num_labels", -1)) != len(labels):
-        raise ValueError(
-            f"{bundle_dir}: model.json says {spec.get('num_labels')} labels but labels.json lists {len(labels)}"
-        )
-    model = build_tagger(spec, preprocess)
-    state = torch.load(
-        io.BytesIO(storage.read_bytes(storage.join(bundle_dir, "model.pt"))),
-        map_location="cpu",
-        weights_only=True,
-    )
-    model.load_state_dict(state)
-    model.eval()
-    return model, preprocess, [str(x) for x in labels]
+    with local_bundle(bundle_dir) as bundle:
+        spec, labels = bundle.model_spec(), bundle.labels()
+        if int(spec.get("num_labels", -1)) != len(labels):
+            raise BundleError(
+                f"{bundle_dir}: model.json says {spec.get('num_labels')} labels but labels.json lists "
+                f"{len(labels)}"
+            )
+        return bundle.load_model(), bundle.preprocess(), labels
 
 
 def _preprocess_rows(batch: dict[str, np.ndarray], *, preprocess: dict, tta: str) -> dict[str, np.ndarray]:
-    """[2] read + decode + resize one batch of (index, uri) rows into uint8 pixels."""
-    from mlc_ray import storage
-    from mlc_ray.data.images import PreprocessConfig, decode_image, preprocess_eval, ten_crop
+    """[2] read + decode + resize one batch of (index, uri) rows into uint8 pixels (the one image path)."""
+    from mlc_ray.data.images import PreprocessConfig, read_and_prepare
 
     cfg = PreprocessConfig.from_dict(preprocess)
     size = cfg.image_size
-    shape = (10, size, size, 3) if tta == "10crop" else (size, size, 3)
+    view = "10crop" if tta == "10crop" else "single"
+    shape = (10, size, size, 3) if view == "10crop" else (size, size, 3)
     indices = np.asarray(batch["index"], dtype=np.int64)
     pixels = np.zeros((len(indices), *shape), dtype=np.uint8)
     errors: list[str] = []
     for k, uri in enumerate(batch["uri"]):
-        try:
-            data = storage.read_bytes(str(uri))
-        except Exception as exc:  # a missing/unreadable object is a per-image error, not a failed pass
-            errors.append(f"read: {type(exc).__name__}: {exc}")
+        prepared = read_and_prepare(str(uri), cfg, view=view)
+        if prepared.error is not None:  # a failed image is a per-image error, not a failed pass
+            errors.append(prepared.error)
             continue
-        decoded = decode_image(data)
-        if decoded.error is not None:
-            errors.append(f"{decoded.error.code}: {decoded.error.message}")
-            continue
-        pixels[k] = ten_crop(decoded.array, cfg) if tta == "10crop" else preprocess_eval(decoded.array, cfg)
+        pixels[k] = prepared.pixels
         errors.append("")
     return {"index": indices, "pixels": pixels, "error": np.asarray(errors, dtype=object)}
 
@@ -182,11 +155,10 @@ def score_manifest(
     if isinstance(bundle_dir_or_model, str | bytes) or hasattr(bundle_dir_or_model, "__fspath__"):
         bundle_dir = str(bundle_dir_or_model)
         model = None
-        from mlc_ray import storage
-        from mlc_ray.data.images import PreprocessConfig
+        from mlc_ray.bundle import local_bundle
 
-        preprocess = PreprocessConfig.from_dict(_read_json(storage.join(bundle_dir, "preprocess.json")))
-        labels = [str(x) for x in _read_json(storage.join(bundle_dir, "labels.json"))]
+        with local_bundle(bundle_dir) as bundle:
+            preprocess, labels = bundle.preprocess(), bundle.labels()
     else:
         bundle_dir, model = None, bundle_dir_or_model
         if preprocess is None or labels is None:

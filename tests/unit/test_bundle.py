@@ -70,3 +70,47 @@ def test_clear_errors_for_bad_bundles(tmp_path, bundle_dir):
     (folder / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"metrics\.json: not valid JSON"):
         ModelBundle(folder).metrics()
+
+
+def test_manifest_of_hashes_and_one_file_list(bundle_dir):
+    import json
+
+    from mlc_ray.bundle import (
+        EXPORT_FILES,
+        PYFUNC_KEYS,
+        REQUIRED_FOR_INFERENCE,
+        SHA256_MANIFEST,
+        TRAINING_FILES,
+    )
+    from mlc_ray.registry import ARTIFACT_FILES as REGISTRY_FILES
+    from mlc_ray.tagging.backends import NCNN_FILES, ONNX_FILES
+    from mlc_ray.train.runner import BUNDLE_FILES
+
+    folder, _ = bundle_dir
+    bundle = ModelBundle(folder)
+    assert bundle.manifest() is None  # written before manifests: no sha256.json
+    digests = bundle.write_manifest()
+    assert bundle.manifest() == digests == bundle.sha256s()
+    assert json.loads((folder / SHA256_MANIFEST).read_text())["files"] == digests
+    # every other module speaks of the bundle's files through bundle.py's list
+    assert set(REGISTRY_FILES.values()) == set(ARTIFACT_FILES) == set(PYFUNC_KEYS)
+    assert set(BUNDLE_FILES) == {*TRAINING_FILES, SHA256_MANIFEST}
+    assert set(ONNX_FILES.values()) | set(NCNN_FILES) == {n for names in EXPORT_FILES.values() for n in names}
+    assert set(REQUIRED_FOR_INFERENCE) <= set(ARTIFACT_FILES)
+
+
+def test_thresholds_for_other_labels_and_legacy_preprocess(bundle_dir):
+    import json
+
+    from mlc_ray.bundle import BundleError
+    from mlc_ray.cli import UserError
+
+    folder, _ = bundle_dir
+    Thresholds(list(reversed(LABELS)), [0.5] * 4, "fixed").save(str(folder / "thresholds.json"))
+    with pytest.raises(BundleError, match="inconsistent") as info:
+        ModelBundle(folder).thresholds()
+    assert isinstance(info.value, UserError)  # jobs print one error: line, no traceback
+    data = json.loads((folder / "preprocess.json").read_text())
+    data.pop("decode", None)  # a preprocess.json from before the decode policy was recorded
+    (folder / "preprocess.json").write_text(json.dumps(data))
+    assert ModelBundle(folder).preprocess().decode == "full"

@@ -273,3 +273,49 @@ def test_f1_max_on_demo_data_beats_half_on_held_out_split(demo_data: str) -> Non
     macro_half = f1_score(y_val[held], scores[held] >= 0.5, average="macro", zero_division=0)
     assert macro_cal >= macro_half, (macro_cal, macro_half)
     assert macro_cal > 0.3  # the scores carry signal: this is not a comparison of two zeros
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-fitting: calibrated figures from rows the thresholds were not fitted on
+
+
+def test_cross_fit_judges_each_row_by_thresholds_fitted_without_it() -> None:
+    from mlc_ray.calibrate import cross_fit_thresholds
+
+    rng = np.random.default_rng(5)
+    targets = (rng.random((300, 4)) < 0.3).astype(np.uint8)
+    scores = np.clip(targets * 0.3 + rng.random((300, 4)) * 0.7, 0, 1)
+    labels = ["a", "b", "c", "d"]
+    fit = cross_fit_thresholds(scores, targets, labels, "f1_max", folds=5, seed=1)
+    assert fit.folds == 5 and fit.row_thresholds.shape == scores.shape
+    assert fit.thresholds.values == calibrate_thresholds(scores, targets, labels, "f1_max").values
+    assert sorted(np.bincount(fit.fold_of_row).tolist()) == [60] * 5
+    for f in range(5):
+        held = fit.fold_of_row == f
+        others = calibrate_thresholds(scores[~held], targets[~held], labels, "f1_max")
+        np.testing.assert_array_equal(fit.row_thresholds[held], np.tile(others.as_array(), (held.sum(), 1)))
+
+
+def test_cross_fitted_f1_on_noise_is_not_the_in_sample_optimum() -> None:
+    """Scores that carry no signal: thresholds fitted on the same rows report an F1 well above what
+    they achieve on rows they were not fitted on; cross-fitting reports the latter."""
+    from mlc_ray.calibrate import cross_fit_thresholds
+    from mlc_ray.train.metrics import compute_metrics
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((200, 6)) < 0.15).astype(np.uint8)
+    scores = rng.random((200, 6))
+    labels = [f"l{i}" for i in range(6)]
+    fit = cross_fit_thresholds(scores, targets, labels, "f1_max", folds=5, seed=0)
+    in_sample = compute_metrics(scores, targets, fit.thresholds.as_array())["macro_f1"]
+    crossed = compute_metrics(scores, targets, fit.row_thresholds)["macro_f1"]
+    assert crossed < in_sample - 0.02, (crossed, in_sample)
+
+
+def test_cross_fit_rejects_too_few_rows_or_folds() -> None:
+    from mlc_ray.calibrate import cross_fit_thresholds
+
+    with pytest.raises(ValueError, match="folds"):
+        cross_fit_thresholds(np.array([[0.2], [0.8]]), np.array([[0], [1]]), ["a"], folds=1)
+    fit = cross_fit_thresholds(np.array([[0.2], [0.8], [0.6]]), np.array([[0], [1], [1]]), ["a"], folds=5)
+    assert fit.folds == 3

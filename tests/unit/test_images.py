@@ -158,7 +158,9 @@ def test_preprocess_config_round_trips() -> None:
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
     assert PreprocessConfig.from_json(cfg.to_json()) == cfg
     assert cfg.to_dict()["mean"] == [0.485, 0.456, 0.406]
-    assert PreprocessConfig.from_dict({"image_size": 64}) == PreprocessConfig(image_size=64)
+    # a preprocess.json from before the decode policy was recorded: its bundle was calibrated on full decodes
+    assert PreprocessConfig.from_dict({"image_size": 64}) == PreprocessConfig(image_size=64, decode="full")
+    assert PreprocessConfig().decode == "draft" and cfg.to_dict()["decode"] == "draft"
     assert PreprocessConfig(mean=[0.5, 0.5, 0.5]).mean == (0.5, 0.5, 0.5)
     assert cfg.resize_size == 120
 
@@ -173,6 +175,7 @@ def test_preprocess_config_round_trips() -> None:
         ({"resize_scale": 0.5}, "resize_scale"),
         ({"interpolation": "nearest"}, "interpolation"),
         ({"channel_order": "BGR"}, "channel_order"),
+        ({"decode": "fast"}, "decode"),
     ],
 )
 def test_preprocess_config_rejects_bad_values(kwargs, needle) -> None:
