@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-from mlc_ray.cli import run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, run_job, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle dir (default: demo)")
     p.add_argument("--input", help="s3:// or local prefix of images, or a manifest (default: demo images)")
     p.add_argument("--output", help="tag table root, s3:// or local (default: tags/demo)")

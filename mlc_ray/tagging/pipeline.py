@@ -450,8 +450,18 @@ class _Model:
 
 
 def _resolve(cfg: TagConfig) -> _Model:
+    from mlc_ray import storage
     from mlc_ray.registry import ModelNotFoundError, resolve_model
 
+    if (
+        not cfg.model.startswith("models:/")
+        and not storage.is_s3(cfg.model)
+        and not storage.exists(cfg.model)
+    ):
+        raise UserError(
+            f"--model: bundle directory {cfg.model} does not exist; give models:/NAME@ALIAS, "
+            "models:/NAME/VERSION or the directory jobs/train.py wrote (<storage-path>/<run-name>/model)"
+        )
     try:
         resolved = resolve_model(cfg.model, cfg.model_cache)
     except ModelNotFoundError as exc:
@@ -621,17 +631,17 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     from mlc_ray.tagging.backends import model_files_for
 
     t0 = time.monotonic()
+
+    # [1] resolve the model once; load what the actors need (before anything is written)
+    model = _resolve(cfg)
+    labels, thresholds, preprocess = _load_model_metadata(model.local_dir)
+    files = model_files_for(model.local_dir, cfg.backend, cfg.precision)
     input_uri = cfg.input
     if input_uri is None:
         from mlc_ray.data.demo import ensure_demo_data
 
         input_uri = ensure_demo_data()
         log.info("no --input: tagging the demo images (%s)", input_uri)
-
-    # [1] resolve the model once; load what the actors need
-    model = _resolve(cfg)
-    labels, thresholds, preprocess = _load_model_metadata(model.local_dir)
-    files = model_files_for(model.local_dir, cfg.backend, cfg.precision)
 
     # [2] run identity and state; list into shards unless an earlier attempt finished the listing
     run_id = cfg.run_id or default_run_id(model.pinned, input_uri, cfg.output)
