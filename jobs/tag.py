@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a batch running longer is taken as hung; an image that hangs every time gets a "
         "`timeout` row (default 600)",
     )
-    p.add_argument("--run-id", help="name the run (default: hash of model version, input, output)")
+    p.add_argument(
+        "--read-deadline-s",
+        type=float,
+        help="total seconds to read one object, retries included; later it is an `unreadable` row (default 60)",
+    )
+    p.add_argument(
+        "--run-id",
+        help="name the run (default: hash of model version, thresholds, backend, precision, "
+        "preprocessing, input, output)",
+    )
     p.add_argument("--config", help="YAML file with TagConfig keys; flags override it")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
