@@ -97,6 +97,7 @@ CASES = [
     ("tag-ncnn-int8", "tag", ["--model", "{B}", "--backend", "ncnn", "--precision", "int8"], ["ncnn", "int8", "--backend onnxruntime"]),
     ("tag-no-int8-file", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{O}", "--precision", "int8"], ["int8"]),
     ("tag-yaml-unknown-key", "tag", ["--model", "{B}", "--config", "{TAGTYPO}"], ["unknown config key 'batch_szie'", "batch_size"]),
+    ("tag-zero-read-deadline", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{O}", "--read-deadline-s", "0"], ["read_deadline_s", "> 0"]),
     ("tag-bad-run-id", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{O}", "--run-id", "a/b"], ["run_id", "'a/b'"]),
     # -- promote
     ("promote-bad-metric", "promote", ["--name", "m", "--metric", "f1"], ["--metric", "'f1'", "macro_f1"]),
