@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mlc_ray.cli import run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, run_job, setup_logging
 from mlc_ray.registry import CHALLENGER, promote, rollback
 
 log = logging.getLogger("mlc_ray.jobs.promote")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="registered model name")
     parser.add_argument("--eval-data", help="labelled manifest both versions are scored on")
     parser.add_argument(
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split",
         default="auto",
+        choices=["auto", "all", "val", "test", "train"],
         help="manifest rows to use: auto (val rows if split column), all, val, test",
     )
     parser.add_argument("--dry-run", action="store_true", help="evaluate and report; change nothing")
@@ -48,11 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_gate_args(args: argparse.Namespace) -> None:
+    """The gate's settings, refused before any model is looked up or downloaded."""
+    import math
+
+    from mlc_ray.config import ConfigError
+    from mlc_ray.train.metrics import SCALAR_KEYS
+
+    if args.metric not in SCALAR_KEYS:
+        raise ConfigError(f"--metric: unknown metric {args.metric!r}; use one of {', '.join(SCALAR_KEYS)}")
+    if not math.isfinite(args.min_delta):
+        raise ConfigError(f"--min-delta: expected a finite number, got {args.min_delta}")
+    if not 0.0 <= args.max_label_drop <= 1.0:
+        raise ConfigError(f"--max-label-drop: expected an F1 drop in [0, 1], got {args.max_label_drop}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
 
     def body() -> int:
+        check_gate_args(args)
         if args.rollback:
             decision = rollback(args.name, dry_run=args.dry_run, cache_dir=args.cache_dir)
         else:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 
-from mlc_ray.cli import init_ray, run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, run_job, setup_logging
 from mlc_ray.config import config_to_yaml, load_config
 from mlc_ray.scan import ScanConfig, enforce_error_rate, run_scan
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="manifest, or folder / s3:// prefix of images (default: demo data)")
     parser.add_argument("--report", help="write the per-image report here (.parquet, local or s3://)")
     parser.add_argument(
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ScanConfig, args.config, overrides)
         if args.verbose:
             print(config_to_yaml(cfg))
-        init_ray()
-        result = run_scan(cfg)
+        result = run_scan(cfg)  # starts (or joins) Ray once the inputs are known to exist
         print(result.summary(cfg.summary_lines))
         enforce_error_rate(result, cfg.max_error_rate)
         return 0

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-from mlc_ray.cli import run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, run_job, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle dir (default: demo)")
     p.add_argument("--input", help="s3:// or local prefix of images, or a manifest (default: demo images)")
     p.add_argument("--output", help="tag table root, s3:// or local (default: tags/demo)")
@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a batch running longer is taken as hung; an image that hangs every time gets a "
         "`timeout` row (default 600)",
     )
-    p.add_argument("--run-id", help="name the run (default: hash of model version, input, output)")
+    p.add_argument(
+        "--read-deadline-s",
+        type=float,
+        help="total seconds to read one object, retries included; later it is an `unreadable` row (default 60)",
+    )
+    p.add_argument(
+        "--run-id",
+        help="name the run (default: hash of model version, thresholds, backend, precision, "
+        "preprocessing, input, output)",
+    )
     p.add_argument("--config", help="YAML file with TagConfig keys; flags override it")
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -5,10 +5,13 @@
     ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/manifest.csv \\
         --storage-path s3://bucket/runs --run-name tagger-v3 --num-workers 4 --use-gpu --register-as tagger
 
-Settings: the TrainConfig defaults < the --config YAML file < the flags given here (flags left out
-change nothing; --set KEY=VALUE reaches any key, e.g. --set mining.top_k=32). Unknown keys are errors.
-Starting the same --run-name with the same --storage-path again resumes that run from its latest
-checkpoint (a finished run is not retrained). Exit codes: 0 done, 2 a user error, 1 a failure.
+Settings: the TrainConfig defaults (for real photos: mobilenet_v3_large at 224 px; width, image size and
+normalisation left unset come from the architecture) < the --config YAML file < the flags given here
+(flags left out change nothing; --set KEY=VALUE reaches any key, e.g. --set mining.top_k=32). Unknown
+keys are errors. With no --data anywhere the demo preset (configs/demo.yaml) sits under the YAML file
+and the flags. Starting the same --run-name with the same --storage-path again resumes that run from its
+latest checkpoint (a finished run is not retrained); a run started with other data, model, image size,
+labels or loss is refused unless --resume-changed. Exit codes: 0 done, 2 a user error, 1 a failure.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mlc_ray.cli import run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, run_job, setup_logging
 
 # flag -> config key; type; help.  Every flag defaults to None = "not given, keep the config's value".
 OVERRIDES: list[tuple[str, str, Any, str]] = [
@@ -26,8 +29,8 @@ OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--val-data", "val_data", str, "validation manifest (default: the split column, else a seeded split)"),
     ("--labels", "labels", str, "labels.txt (default: beside the manifest)"),
     ("--model", "model", str, "architecture (mlc_ray.models.list_models())"),
-    ("--width", "width", float, "width multiplier (MobileNet alpha)"),
-    ("--image-size", "image_size", int, "input side in pixels"),
+    ("--width", "width", float, "width multiplier (MobileNet V1/V2 alpha; default: the arch's own)"),
+    ("--image-size", "image_size", int, "input side in pixels (default: the arch's, 224)"),
     ("--epochs", "epochs", int, "epochs"),
     ("--batch-size", "batch_size", int, "global batch size (split over the workers)"),
     ("--lr", "lr", float, "peak learning rate"),
@@ -52,7 +55,7 @@ OVERRIDES: list[tuple[str, str, Any, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="YAML file with TrainConfig keys")
@@ -62,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--use-gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker"
     )
     parser.add_argument("--mine", dest="mine", action="store_true", default=None, help="hard-sample mining")
+    parser.add_argument(
+        "--resume-changed",
+        dest="resume_changed",
+        action="store_true",
+        default=None,
+        help="resume --run-name even though its data/model/image size/labels/loss changed",
+    )
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="any config key"
     )
@@ -75,13 +85,20 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {key: getattr(args, key) for _, key, _, _ in OVERRIDES}
     out["use_gpu"] = args.use_gpu
+    out["resume_changed"] = args.resume_changed
     if args.mine:
         out["mining.enabled"] = True
     for item in args.extra:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--set {item}: the value is not valid YAML; quote strings, e.g. --set key='a b'"
+            ) from None
+        out[key.strip().replace("-", "_")] = parsed
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -90,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        from mlc_ray.config import load_config
-        from mlc_ray.train.config import TrainConfig
+        from mlc_ray.train.config import load_train_config
         from mlc_ray.train.runner import run_train_job
 
-        cfg = load_config(TrainConfig, args.config, overrides_from_args(args))
+        cfg = load_train_config(args.config, overrides_from_args(args))
         result = run_train_job(cfg)
         print(result.summary())
         return 0

@@ -9,13 +9,23 @@ traceback (exit 1).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["JobError", "UserError", "EXIT_USER_ERROR", "setup_logging", "init_ray", "run_job"]
+__all__ = [
+    "ArgumentParser",
+    "JobError",
+    "UserError",
+    "EXIT_USER_ERROR",
+    "setup_logging",
+    "init_ray",
+    "run_job",
+]
 
 EXIT_USER_ERROR = 2
 log = logging.getLogger("mlc_ray")
@@ -33,6 +43,20 @@ class JobError(UserError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error: ...`` line and exit 2, like every other user error
+    (argparse's own message is the usage block, then ``prog: error: ...``). Abbreviated flags are
+    refused: ``--epoch 3`` is a typo to report, not ``--epochs 3`` to run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -82,7 +106,7 @@ def run_job(fn: Callable[[], int | None]) -> int:
     except _user_error_types() as exc:
         code = getattr(exc, "exit_code", EXIT_USER_ERROR)
         if isinstance(exc, FileNotFoundError) and exc.filename:
-            message = f"not found: {exc.filename}"
+            message = f"{exc.filename} does not exist"
         else:
             message = str(exc) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)

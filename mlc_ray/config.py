@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "config_from_dict", "config_to_dict", "config_to_yaml"]
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "merged_config_data",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+]
 
 T = TypeVar("T")
 
@@ -115,7 +122,9 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") ->
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+        # the config's own messages name their key ("epochs must be > 0"); a section adds its name
+        message, section = str(exc), prefix.rstrip(".")
+        raise ConfigError(f"{section}: {message}" if section and section not in message else message) from exc
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,17 +142,26 @@ def _unflatten(overrides: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in overrides.items():
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"bad config key '{key}': expected KEY or SECTION.KEY (e.g. mining.top_k)")
         node = out
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"config key '{'.'.join(parts[: i + 1])}' is a value, not a section: '{key}'"
+                )
         node[parts[-1]] = value
     return out
 
 
-def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
-) -> T:
-    """Defaults < YAML file < overrides (CLI flags the user actually gave; ``None`` means not given)."""
+def merged_config_data(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The raw mapping ``load_config`` builds its dataclass from: ``base`` < YAML file < overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         from mlc_ray import storage  # local import: storage pulls boto3, config should stay light
@@ -151,18 +169,36 @@ def load_config(
         try:
             text = storage.read_text(str(path))
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+            raise ConfigError(f"--config: config file {path} does not exist") from None
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"--config: {path} is not valid YAML: {_first_line(exc)}") from None
         if not isinstance(loaded, Mapping):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+            raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(loaded).__name__}")
         data = dict(loaded)
+    if base:
+        data = _deep_merge(dict(base), data)
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
         data = _deep_merge(data, _unflatten(given))
-    return config_from_dict(cls, data)
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
+) -> T:
+    """Defaults < ``base`` (a preset) < YAML file < overrides (CLI flags the user actually gave;
+    ``None`` means not given)."""
+    return config_from_dict(cls, merged_config_data(path, overrides, base=base))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

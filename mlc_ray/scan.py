@@ -319,7 +319,10 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
             f"--write-clean {cfg.write_clean} is the input manifest; write the clean manifest to a new file"
         )
     log.info("scanning %d images from %s", len(images), source)
-    # [2] decode in parallel
+    # [2] decode in parallel (Ray starts only now: a wrong input was one error line, nothing started)
+    from mlc_ray.cli import init_ray
+
+    init_ray()
     table = _decode_all(images, cfg)
     codes = [c for c in table.column("error_code").to_pylist() if c is not None]
     result = ScanResult(source=source, table=table, errors_by_code=dict(Counter(codes)))

@@ -163,7 +163,7 @@ def _temp_name(name: str) -> str:
 # clients (cached per process id: Ray workers fork, and clients must not cross a fork)
 
 _lock = threading.Lock()
-_clients: dict[int, Any] = {}
+_clients: dict[Any, Any] = {}  # pid, or (pid, single-attempt timeout) -> client
 _arrow_fs: dict[int, Any] = {}
 _known_buckets: set[tuple[int, str]] = set()
 
@@ -186,31 +186,45 @@ def _where() -> str:
     return s3_endpoint() or "the default AWS endpoint"
 
 
-def s3_client() -> Any:
-    """A boto3 S3 client for this process (retry mode 'standard', raised attempts, 32 connections)."""
+def s3_client(single_attempt_timeout_s: float | None = None) -> Any:
+    """A boto3 S3 client for this process (retry mode 'standard', raised attempts, 32 connections).
+
+    ``single_attempt_timeout_s``: a client that makes exactly one attempt per call (botocore's retries
+    off) with connect/read timeouts of at most that many seconds, for a caller that runs its own
+    retry policy under a deadline (tagging's ``read_with_retry``): retries are never stacked.
+    """
     pid = os.getpid()
-    client = _clients.get(pid)
+    key: Any = pid if single_attempt_timeout_s is None else (pid, float(single_attempt_timeout_s))
+    client = _clients.get(key)
     if client is not None:
         return client
     with _lock:
-        client = _clients.get(pid)
+        client = _clients.get(key)
         if client is None:
             import boto3
             from botocore.config import Config
 
             endpoint = s3_endpoint()
+            if single_attempt_timeout_s is None:
+                retries = {"mode": "standard", "max_attempts": _max_attempts()}
+                connect, read = CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+            else:
+                retries = {"mode": "standard", "total_max_attempts": 1}
+                connect = min(CONNECT_TIMEOUT_S, single_attempt_timeout_s)
+                read = min(READ_TIMEOUT_S, single_attempt_timeout_s)
             config = Config(
-                retries={"mode": "standard", "max_attempts": _max_attempts()},
-                connect_timeout=CONNECT_TIMEOUT_S,
-                read_timeout=READ_TIMEOUT_S,
+                retries=retries,
+                connect_timeout=connect,
+                read_timeout=read,
                 max_pool_connections=32,
                 # custom endpoints (moto, MinIO, gateways) address buckets by path, not by DNS name
                 s3={"addressing_style": "path"} if endpoint else None,
             )
             session = boto3.session.Session()
             client = session.client("s3", endpoint_url=endpoint, config=config)
-            _clients.clear()  # entries for other pids are a parent's, inherited through fork
-            _clients[pid] = client
+            for stale in [k for k in _clients if (k[0] if isinstance(k, tuple) else k) != pid]:
+                del _clients[stale]  # entries for other pids are a parent's, inherited through fork
+            _clients[key] = client
     return client
 
 
@@ -340,14 +354,16 @@ def exists(uri: str) -> bool:
         return False
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole object; ``FileNotFoundError`` when it is missing."""
+def read_bytes(uri: str, *, single_attempt_timeout_s: float | None = None) -> bytes:
+    """The whole object; ``FileNotFoundError`` when it is missing. ``single_attempt_timeout_s``: one
+    S3 attempt, no botocore retries, socket timeouts of at most that (see ``s3_client``)."""
     if not is_s3(uri):
         with open(_local(uri), "rb") as fh:
             return fh.read()
     bucket, key = _split_s3(uri)
     with _s3_errors(uri, bucket):
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        client = s3_client(single_attempt_timeout_s)
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:

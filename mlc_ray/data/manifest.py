@@ -223,7 +223,7 @@ def _read_bytes(uri: str, what: str = "manifest") -> bytes:
     except FileNotFoundError as exc:
         detail = f" ({exc})" if type(exc) is not FileNotFoundError else ""  # e.g. the bucket is missing
         raise ManifestError(
-            f"{uri}: {what} file not found{detail}; check the path (local or s3://bucket/key)"
+            f"{uri}: {what} file does not exist{detail}; check the path (local or s3://bucket/key)"
         ) from None
     except (OSError, PermissionError) as exc:
         raise ManifestError(f"{uri}: cannot read the {what} file ({type(exc).__name__}: {exc})") from None

@@ -4,7 +4,9 @@ from mlc_ray.models import mobilenet_v1 as _mobilenet_v1  # noqa: F401  (registe
 from mlc_ray.models import torchvision_models as _torchvision_models  # noqa: F401  (registers models)
 from mlc_ray.models.complexity import Complexity, count_macs, count_parameters, model_complexity
 from mlc_ray.models.registry import (
+    ArchDefaults,
     LoadReport,
+    arch_defaults,
     create_model,
     list_models,
     load_pretrained,
@@ -15,6 +17,8 @@ from mlc_ray.models.registry import (
 from mlc_ray.models.tagger import ImageTagger, TaggerProbabilities, build_tagger, model_spec
 
 __all__ = [
+    "ArchDefaults",
+    "arch_defaults",
     "Complexity",
     "ImageTagger",
     "LoadReport",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mlc_ray.models.registry import register_model
+from mlc_ray.models.registry import ArchDefaults, register_model
 
 # (pointwise output channels, depthwise stride) of the 13 depthwise-separable blocks, Table 1.
 BLOCKS: tuple[tuple[int, int], ...] = (
@@ -96,7 +96,7 @@ class MobileNetV1(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-@register_model
+@register_model(defaults=ArchDefaults(input_size=224, width=1.0, width_multiplier=True))
 def mobilenet_v1(*, num_labels: int, width: float = 1.0, dropout: float = 0.2) -> nn.Module:
     """MobileNet V1 from the paper; ``width`` is the width multiplier alpha."""
     return MobileNetV1(num_labels, width=width, dropout=dropout)

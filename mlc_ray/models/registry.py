@@ -4,6 +4,11 @@ timm-style: a constructor is a function ``fn(*, num_labels, width, dropout) -> n
 with ``@register_model``; its ``__name__`` is the registry name. Every registered model takes float
 NCHW normalised input and returns logits ``(B, num_labels)``; its head ends in dropout + linear.
 
+Each registered name carries its ``ArchDefaults`` (timm's ``pretrained_cfg`` pattern): the input size it
+was designed for, its own width and whether it takes a width multiplier at all, the smallest input it
+can take, and the normalisation its (ImageNet-trained) weights expect. ``arch_defaults(name)`` returns
+them; ``TrainConfig`` fills every field the user left unset from them.
+
 ``pretrained`` is a state-dict file (local path or ``s3://``), read with ``torch.load(weights_only=True)``.
 Nothing is ever downloaded. Accepted layouts:
 
@@ -27,6 +32,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import torch
 from torch import nn
@@ -43,15 +49,74 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NESTED_KEYS = ("model", "state_dict", "model_state_dict")
 
 
-def register_model(fn: ModelFn) -> ModelFn:
-    """Decorator: register ``fn`` under ``fn.__name__``. Registering a name twice is an error."""
-    name = fn.__name__
-    if name in _REGISTRY:
-        raise ValueError(
-            f"model {name!r} is already registered (by {_REGISTRY[name].__module__}); pick another name"
-        )
-    _REGISTRY[name] = fn
-    return fn
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ArchDefaults:
+    """What an architecture needs to be trained and served right, kept with its registry entry."""
+
+    input_size: int = 224  # the input side it was designed (and ImageNet-trained) for
+    min_input_size: int = 32  # five stride-2 stages: below 32 px the last feature map is empty
+    width: float = 1.0  # its own channel width (MobileNet's alpha = 1 is the paper's model)
+    width_multiplier: bool = False  # only MobileNet V1/V2 take another width
+    normalization: str = "imagenet"  # what torchvision/paper weights were trained with
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB on the 0..1 scale
+    std: tuple[float, float, float] = IMAGENET_STD
+    dropout: float = 0.2  # before the final linear layer
+
+    def check_width(self, name: str, width: float) -> None:
+        """ValueError when ``width`` is not one this architecture can be built with."""
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width!r}")
+        if not self.width_multiplier and float(width) != self.width:
+            raise ValueError(
+                f"{name} has no width multiplier (its width is {self.width:g}, got {width:g}): "
+                "leave width unset, or use mobilenet_v1 / mobilenet_v2 for another width"
+            )
+
+    def check_input_size(self, name: str, size: int) -> None:
+        if size < self.min_input_size:
+            raise ValueError(
+                f"image_size {size} is too small for {name}: it needs >= {self.min_input_size} px "
+                f"(its default is {self.input_size})"
+            )
+
+
+_DEFAULTS: dict[str, ArchDefaults] = {}
+
+
+@overload
+def register_model(fn: ModelFn, /) -> ModelFn: ...
+@overload
+def register_model(*, defaults: ArchDefaults) -> Callable[[ModelFn], ModelFn]: ...
+
+
+def register_model(
+    fn: ModelFn | None = None, /, *, defaults: ArchDefaults | None = None
+) -> ModelFn | Callable[[ModelFn], ModelFn]:
+    """Decorator: register ``fn`` under ``fn.__name__`` (``@register_model`` or
+    ``@register_model(defaults=ArchDefaults(...))``). Registering a name twice is an error."""
+
+    def register(fn: ModelFn) -> ModelFn:
+        name = fn.__name__
+        if name in _REGISTRY:
+            raise ValueError(
+                f"model {name!r} is already registered (by {_REGISTRY[name].__module__}); pick another name"
+            )
+        _REGISTRY[name] = fn
+        _DEFAULTS[name] = defaults or ArchDefaults()
+        return fn
+
+    return register(fn) if fn is not None else register
+
+
+def arch_defaults(name: str) -> ArchDefaults:
+    """The registered defaults of ``name`` (ValueError listing the known names when unknown)."""
+    if name not in _REGISTRY:
+        raise _unknown_model_error(name)
+    return _DEFAULTS[name]
 
 
 def list_models() -> list[str]:
@@ -62,6 +127,7 @@ def list_models() -> list[str]:
 def unregister_model(name: str) -> None:
     """Remove ``name`` from the registry (tests that register throw-away models clean up with this)."""
     _REGISTRY.pop(name, None)
+    _DEFAULTS.pop(name, None)
 
 
 def _unknown_model_error(name: str) -> ValueError:
@@ -75,14 +141,14 @@ def create_model(
     name: str,
     num_labels: int,
     *,
-    width: float = 1.0,
-    dropout: float = 0.2,
+    width: float | None = None,
+    dropout: float | None = None,
     pretrained: str | None = None,
 ) -> nn.Module:
     """Build the registered model ``name`` with ``num_labels`` outputs.
 
-    ``width`` is the channel width multiplier (MobileNet's alpha; only some archs accept != 1),
-    ``dropout`` the probability of the dropout in front of the final linear layer, ``pretrained``
+    ``width`` is the channel width multiplier (MobileNet's alpha; only archs whose defaults say
+    ``width_multiplier`` take another than their own), ``dropout`` the probability of the dropout in front of the final linear layer, ``pretrained``
     an optional state-dict file (local or s3://) to start from (see the module docstring).
     """
     if name not in _REGISTRY:
@@ -90,8 +156,10 @@ def create_model(
     if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
     num_labels = int(num_labels)
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
+    defaults = arch_defaults(name)
+    width = defaults.width if width is None else width
+    dropout = defaults.dropout if dropout is None else dropout
+    defaults.check_width(name, width)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     model = _REGISTRY[name](num_labels=num_labels, width=float(width), dropout=float(dropout))

@@ -10,12 +10,23 @@ from dataclasses import dataclass
 
 from mlc_ray.config import ConfigError
 
-__all__ = ["TagConfig", "DEMO_MODEL_URI", "DEMO_OUTPUT", "BACKENDS", "PRECISIONS", "parse_actors"]
+__all__ = [
+    "TagConfig",
+    "DEFAULT_READ_DEADLINE_S",
+    "DEMO_MODEL_URI",
+    "DEMO_OUTPUT",
+    "BACKENDS",
+    "PRECISIONS",
+    "parse_actors",
+]
 
 DEMO_MODEL_URI = "models:/mlc-ray-demo@champion"
 DEMO_OUTPUT = "tags/demo"
 BACKENDS = ("onnxruntime", "ncnn")
 PRECISIONS = ("fp32", "int8")
+# Total time one object may take to read, every attempt included; a GET held open longer is an
+# `unreadable` row (retried by the next --incremental run), never a stalled job.
+DEFAULT_READ_DEADLINE_S = 60.0
 
 
 def parse_actors(text: str | None) -> tuple[int, int] | None:
@@ -51,9 +62,10 @@ class TagConfig:
     max_error_rate: float = 0.05  # fail (exit 1) when more than this fraction of images are errors
     limit: int | None = None  # tag at most this many images (first N in listing order)
     shard_size: int = 10_000  # keys per shard = rows per committed Parquet file
-    run_id: str | None = None  # None = hash of (model version, input, output): reruns resume
+    run_id: str | None = None  # None = hash of the row-affecting settings (state.py): reruns resume
     read_threads: int = 16  # concurrent object reads inside one read task (I/O bound)
-    read_retries: int = 5  # attempts per object on transient errors (after boto3's own retries)
+    read_retries: int = 5  # attempts per object on transient errors (the only retries: boto3's are off)
+    read_deadline_s: float = DEFAULT_READ_DEADLINE_S  # total seconds per object, all attempts included
     model_cache: str | None = None  # where resolved model files are cached (None = registry default)
     # an inference batch running longer than this is taken as hung: its actor exits, the batch is
     # retried, and an image that hangs every time ends as a `timeout` row (pipeline docstring)
@@ -85,6 +97,8 @@ class TagConfig:
             raise ConfigError(f"threads_per_actor: expected an integer >= 1, got {self.threads_per_actor!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit: expected an integer >= 1, got {self.limit!r}")
+        if isinstance(self.read_deadline_s, bool) or not float(self.read_deadline_s) > 0:
+            raise ConfigError(f"read_deadline_s: expected seconds > 0, got {self.read_deadline_s!r}")
         if isinstance(self.batch_timeout_s, bool) or not float(self.batch_timeout_s) > 0:
             raise ConfigError(f"batch_timeout_s: expected seconds > 0, got {self.batch_timeout_s!r}")
         if not 0.0 <= float(self.max_error_rate) <= 1.0:

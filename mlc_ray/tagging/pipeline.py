@@ -50,7 +50,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -59,9 +59,17 @@ import numpy as np
 import pyarrow as pa
 
 from mlc_ray.cli import JobError, UserError
-from mlc_ray.tagging.config import DEMO_MODEL_URI, TagConfig
+from mlc_ray.tagging.config import DEFAULT_READ_DEADLINE_S, DEMO_MODEL_URI, TagConfig
 from mlc_ray.tagging.inputs import Shard, ShardStore, is_manifest, iter_input_keys, iter_shards
-from mlc_ray.tagging.state import RunState, TaggedIndex, default_run_id, run_dir
+from mlc_ray.tagging.state import (
+    RunState,
+    TaggedIndex,
+    changed_settings,
+    default_run_id,
+    key_hashes,
+    row_affecting_settings,
+    run_dir,
+)
 from mlc_ray.tagging.table import (
     ERROR_CRASHED,
     ERROR_TIMEOUT,
@@ -215,32 +223,73 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError | ConnectionError | TimeoutError) or "botocore" in type(exc).__module__
 
 
-def read_with_retry(uri: str, retries: int = 5, base_delay: float = 0.2) -> tuple[bytes | None, str | None]:
-    """(bytes, None) or (None, "unreadable: why"). Transient errors are retried with jittered backoff
-    (on top of boto3's own standard-mode retries); a missing/forbidden object is not retried."""
+def read_with_retry(
+    uri: str, retries: int = 5, base_delay: float = 0.2, deadline_s: float = DEFAULT_READ_DEADLINE_S
+) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, "unreadable: why"). The one retry policy of a tagging read: at most
+    ``retries`` attempts, each a single S3 request (botocore's own retries off) with socket timeouts
+    of ``deadline_s``, transient errors retried after a jittered backoff, and no attempt started
+    after ``deadline_s`` from the first; a missing/forbidden object is not retried.
+    ``read_objects`` also abandons an attempt still hanging at the deadline."""
     from mlc_ray import storage
 
+    start = time.monotonic()
     for attempt in range(1, retries + 1):
         try:
-            return storage.read_bytes(uri), None
+            return storage.read_bytes(uri, single_attempt_timeout_s=deadline_s), None
         except Exception as exc:  # every failure becomes a row, never a failed job
+            kind = "not found" if isinstance(exc, FileNotFoundError) else type(exc).__name__
+            why = f"{ERROR_UNREADABLE}: {kind}: {exc} (after {attempt} attempt(s))"
             if not _is_transient(exc) or attempt == retries:
-                kind = "not found" if isinstance(exc, FileNotFoundError) else type(exc).__name__
-                return None, f"{ERROR_UNREADABLE}: {kind}: {exc} (after {attempt} attempt(s))"
-            time.sleep(min(10.0, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
+                return None, why
+            delay = min(10.0, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+            if time.monotonic() - start + delay >= deadline_s:
+                return None, f"{why}; read deadline {deadline_s:g} s (--read-deadline-s) reached"
+            time.sleep(delay)
     return None, f"{ERROR_UNREADABLE}: no attempt made"  # retries < 1
 
 
-def read_objects(batch: pa.Table, *, read_threads: int = 16, read_retries: int = 5) -> pa.Table:
+def read_objects(
+    batch: pa.Table,
+    *,
+    read_threads: int = 16,
+    read_retries: int = 5,
+    read_deadline_s: float = DEFAULT_READ_DEADLINE_S,
+) -> pa.Table:
     """Ray Data task UDF: add ``data`` (bytes or null) and ``read_error``; fill unknown etags (local
-    files, manifest entries) with ``storage.content_hash`` of the bytes."""
+    files, manifest entries) with ``storage.content_hash`` of the bytes. An object still not read
+    ``read_deadline_s`` after its first request (a GET held open) is an ``unreadable`` row at that
+    moment; its thread is left to its socket timeout (the same deadline) and the task moves on."""
     from mlc_ray import storage
 
     uris = batch.column("image_uri").to_pylist()
     etags = batch.column("source_etag").to_pylist()
     workers = max(1, min(read_threads, len(uris)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda u: read_with_retry(u, read_retries), uris))
+    started: dict[int, float] = {}
+
+    def read(i: int) -> tuple[bytes | None, str | None]:
+        started[i] = time.monotonic()
+        return read_with_retry(uris[i], read_retries, deadline_s=read_deadline_s)
+
+    results: list[tuple[bytes | None, str | None]] = [(None, None)] * len(uris)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(read, i): i for i in range(len(uris))}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=min(1.0, read_deadline_s / 4), return_when=FIRST_COMPLETED)
+            for fut in done:
+                results[futures[fut]] = fut.result()
+            now = time.monotonic()
+            for fut in [f for f in pending if now - started.get(futures[f], now) > read_deadline_s]:
+                pending.discard(fut)
+                results[futures[fut]] = (
+                    None,
+                    f"{ERROR_UNREADABLE}: no answer within the read deadline of {read_deadline_s:g} s "
+                    "(--read-deadline-s)",
+                )
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     filled = [
         etag if etag or data is None else storage.content_hash(data)
         for etag, (data, _) in zip(etags, results, strict=True)
@@ -397,6 +446,7 @@ class TagSummary:
     max_error_rate: float = 1.0
     incremental: bool = False
     finished_at: str = ""
+    notice: str = ""  # e.g. "run ... is already complete; N keys under the input are not in it: ..."
 
     @property
     def errors(self) -> int:
@@ -430,7 +480,8 @@ class TagSummary:
             ("images/s", f"{self.images_per_s:.1f}"),
         ]
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        table = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return f"{self.notice}\n{table}" if self.notice else table
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -446,8 +497,18 @@ class _Model:
 
 
 def _resolve(cfg: TagConfig) -> _Model:
+    from mlc_ray import storage
     from mlc_ray.registry import ModelNotFoundError, resolve_model
 
+    if (
+        not cfg.model.startswith("models:/")
+        and not storage.is_s3(cfg.model)
+        and not storage.exists(cfg.model)
+    ):
+        raise UserError(
+            f"--model: bundle directory {cfg.model} does not exist; give models:/NAME@ALIAS, "
+            "models:/NAME/VERSION or the directory jobs/train.py wrote (<storage-path>/<run-name>/model)"
+        )
     try:
         resolved = resolve_model(cfg.model, cfg.model_cache)
     except ModelNotFoundError as exc:
@@ -606,6 +667,11 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     from mlc_ray.tagging.backends import model_files_for
 
     t0 = time.monotonic()
+
+    # [1] resolve the model once; load what the actors need (before anything is written)
+    model = _resolve(cfg)
+    labels, thresholds, preprocess = _load_model_metadata(model.local_dir)
+    files = model_files_for(model.local_dir, cfg.backend, cfg.precision)
     input_uri = cfg.input
     if input_uri is None:
         from mlc_ray.data.demo import ensure_demo_data
@@ -613,13 +679,17 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         input_uri = ensure_demo_data()
         log.info("no --input: tagging the demo images (%s)", input_uri)
 
-    # [1] resolve the model once; load what the actors need
-    model = _resolve(cfg)
-    labels, thresholds, preprocess = _load_model_metadata(model.local_dir)
-    files = model_files_for(model.local_dir, cfg.backend, cfg.precision)
-
     # [2] run identity and state; list into shards unless an earlier attempt finished the listing
-    run_id = cfg.run_id or default_run_id(model.pinned, input_uri, cfg.output)
+    settings = row_affecting_settings(
+        model_pinned=model.pinned,
+        thresholds_sha256=thresholds.sha256,
+        backend=cfg.backend,
+        precision=cfg.precision,
+        preprocess=preprocess,
+        input_uri=input_uri,
+        output_uri=cfg.output,
+    )
+    run_id = cfg.run_id or default_run_id(settings)
     if cfg.incremental and cfg.run_id is None:
         # each scheduled incremental run is its own run; a killed one is redone by the next
         run_id += "-i" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -628,12 +698,23 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         # saved by _list_shards with the first shard: an input that lists nothing (wrong URI,
         # missing bucket, empty prefix) fails the job without leaving anything under the output
         state = RunState.new(
-            run_id=run_id, model=model.pinned, input=input_uri, output=cfg.output, config=config_to_dict(cfg)
+            run_id=run_id,
+            model=model.pinned,
+            input=input_uri,
+            output=cfg.output,
+            config=config_to_dict(cfg),
+            settings=settings,
         )
     else:
         if state.model != model.pinned:
             raise UserError(
                 f"run {run_id} was started with {state.model}, not {model.pinned}; use another --run-id"
+            )
+        changed = changed_settings(state.settings, settings)
+        if changed:  # only under an explicit --run-id: a default run id is the hash of the settings
+            raise UserError(
+                f"--run-id {run_id}: the run was started with other row-affecting settings "
+                f"({'; '.join(changed)}); its rows would mix both: use another --run-id"
             )
         state.attempts += 1
         state.save()
@@ -657,6 +738,9 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     pending = [i for i, d in enumerate(digests) if shard_file_name(run_id, i, d) not in committed]
     pending_set = set(pending)
     skipped = [i for i in range(len(digests)) if i not in pending_set]
+    finished_before = not pending and storage.exists(
+        storage.join(run_dir(cfg.output, run_id), "summary.json")
+    )
     provenance = Provenance(
         model_name=model.name,
         model_version=model.version,
@@ -754,6 +838,9 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     summary.wall_s = round(time.monotonic() - t0, 3)
     summary.images_per_s = round(summary.images_this_attempt / wall_tag, 2) if wall_tag > 0 else 0.0
     summary.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+    if finished_before:
+        summary.notice = _finished_run_notice(run_id, input_uri, store, len(digests), summary.images)
+        log.warning("%s", summary.notice)
     rdir = run_dir(cfg.output, run_id)
     storage.write_text(storage.join(rdir, "summary.json"), summary.to_json())
     if summary.error_rate_ok:
@@ -773,6 +860,24 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             exit_code=EXIT_ERROR_RATE,
         )
     return summary
+
+
+def _finished_run_notice(run_id: str, input_uri: str, store: ShardStore, n_shards: int, images: int) -> str:
+    """A finished run started again tags nothing: say so, and how many keys under the input (listed
+    now) it does not hold, with the flag that tags them."""
+    hashes = [key_hashes(list(shard.uris), [None] * len(shard)) for shard in map(store.get, range(n_shards))]
+    index = TaggedIndex(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64), by_uri=True)
+    missing = 0
+    for page in iter_input_keys(input_uri):
+        uris = [k.uri for k in page]
+        missing += int((~index.contains(uris, [None] * len(uris))).sum())
+    head = f"run {run_id} is already complete ({images} images): nothing was tagged again"
+    if not missing:
+        return f"{head}; every key under {input_uri} is in it"
+    return (
+        f"{head}; {missing} keys under {input_uri} are not in it: tag them with --incremental "
+        "(only images this model version has not tagged), or start a new run with --run-id NAME"
+    )
 
 
 def _tag_window(
@@ -797,7 +902,11 @@ def _tag_window(
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=par.read_cpus,
-        fn_kwargs={"read_threads": cfg.read_threads, "read_retries": cfg.read_retries},
+        fn_kwargs={
+            "read_threads": cfg.read_threads,
+            "read_retries": cfg.read_retries,
+            "read_deadline_s": float(cfg.read_deadline_s),
+        },
     )
     ds = ds.map_batches(
         Predictor,
@@ -858,16 +967,24 @@ class _Isolator:
     """Ray actor of the isolation pass: one warm Predictor (no watchdog: the driver times each call
     from when it is sent to this idle, ready actor, and kills the actor when it is late)."""
 
-    def __init__(self, predictor_kwargs: dict, read_threads: int, read_retries: int) -> None:
+    def __init__(
+        self, predictor_kwargs: dict, read_threads: int, read_retries: int, read_deadline_s: float
+    ) -> None:
         self.predictor = Predictor(**{**predictor_kwargs, "batch_timeout_s": None})
         self.read_threads, self.read_retries = read_threads, read_retries
+        self.read_deadline_s = read_deadline_s
 
     def ready(self) -> bool:
         return True
 
     def tag(self, table: pa.Table) -> pa.Table:
         return self.predictor(
-            read_objects(table, read_threads=self.read_threads, read_retries=self.read_retries)
+            read_objects(
+                table,
+                read_threads=self.read_threads,
+                read_retries=self.read_retries,
+                read_deadline_s=self.read_deadline_s,
+            )
         )
 
 
@@ -896,7 +1013,9 @@ def _isolate(
     actor_deaths = _actor_deaths()
 
     def new_actor() -> Any:
-        actor = actor_cls.remote(predictor_kwargs, cfg.read_threads, cfg.read_retries)
+        actor = actor_cls.remote(
+            predictor_kwargs, cfg.read_threads, cfg.read_retries, float(cfg.read_deadline_s)
+        )
         try:
             ray.get(actor.ready.remote(), timeout=max(300.0, timeout))
         except (*actor_deaths, ray.exceptions.GetTimeoutError) as exc:

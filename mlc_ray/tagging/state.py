@@ -1,8 +1,12 @@
 """Run identity and resumable state of a tagging run, and the index that ``--incremental`` checks.
 
-A run's identity is (model version, input, output) unless ``--run-id`` names it: ``default_run_id``
-hashes the three, so running the same command again *resumes* the same run. Its state lives in
-``<output>/_runs/<run_id>/``:
+A run's identity is every setting that changes a row, unless ``--run-id`` names it:
+``row_affecting_settings`` collects them in one dict (model version, thresholds sha256, backend,
+precision, preprocessing, input, output; tag-time options join it as they are added) and
+``default_run_id`` hashes that dict, so running the same command again *resumes* the same run while
+``--precision int8`` after an fp32 run, a re-calibrated model or another backend is a new run. The
+settings are kept in the run's state: a resume under an explicit ``--run-id`` with other settings is
+refused, naming them. Its state lives in ``<output>/_runs/<run_id>/``:
 
 * ``state.json`` — the run's start date (the ``dt`` partition every file of the run goes to, kept
   so a run resumed after midnight stays whole), the pinned model, whether the listing finished and
@@ -22,21 +26,69 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
-__all__ = ["RunState", "default_run_id", "run_dir", "TaggedIndex", "key_hashes"]
+__all__ = [
+    "RunState",
+    "row_affecting_settings",
+    "default_run_id",
+    "changed_settings",
+    "run_dir",
+    "TaggedIndex",
+    "key_hashes",
+]
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 
 
-def default_run_id(model_pinned: str, input_uri: str, output_uri: str) -> str:
-    """Hash of the run identity: same pinned model version, input and output -> same run id."""
-    text = json.dumps([model_pinned, input_uri.rstrip("/"), output_uri.rstrip("/")])
+def row_affecting_settings(
+    *,
+    model_pinned: str,
+    thresholds_sha256: str,
+    backend: str,
+    precision: str,
+    preprocess: Mapping[str, Any],
+    input_uri: str,
+    output_uri: str,
+    **options: Any,
+) -> dict[str, Any]:
+    """Every setting that changes what a row holds: the run identity. ``options`` are the tag-time
+    options (e.g. TTA) that change scores; add each new one here, by keyword, JSON-serialisable."""
+    return {
+        "model": model_pinned,
+        "thresholds_sha256": thresholds_sha256,
+        "backend": backend,
+        "precision": precision,
+        "preprocess_sha256": hashlib.sha256(
+            json.dumps(dict(preprocess), sort_keys=True).encode()
+        ).hexdigest(),
+        "input": input_uri.rstrip("/"),
+        "output": output_uri.rstrip("/"),
+        **options,
+    }
+
+
+def default_run_id(settings: Mapping[str, Any]) -> str:
+    """Hash of the run identity (``row_affecting_settings``): same settings -> same run id."""
+    text = json.dumps(dict(settings), sort_keys=True, default=str)
     return "r" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for each row-affecting setting that differs (a state without any: none)."""
+    if not saved:
+        return []
+    return [
+        f"{key}: {saved.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]
 
 
 def run_dir(output: str, run_id: str) -> str:
@@ -60,6 +112,7 @@ class RunState:
     n_images: int = 0
     attempts: int = 1  # how many times this run was started (1 = never resumed)
     config: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # row_affecting_settings: what the run id hashes
     format_version: int = STATE_FORMAT
 
     @staticmethod
@@ -69,7 +122,9 @@ class RunState:
         return storage.join(run_dir(output, run_id), "state.json")
 
     @classmethod
-    def new(cls, *, run_id: str, model: str, input: str, output: str, config: dict) -> RunState:
+    def new(
+        cls, *, run_id: str, model: str, input: str, output: str, config: dict, settings: dict | None = None
+    ) -> RunState:
         now = datetime.now(UTC)
         return cls(
             run_id=run_id,
@@ -79,6 +134,7 @@ class RunState:
             input=input,
             output=output,
             config=config,
+            settings=dict(settings or {}),
         )
 
     @classmethod

@@ -241,11 +241,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from mlc_ray.cli import JobError, init_ray
     from mlc_ray.config import config_to_yaml
     from mlc_ray.data.demo import ensure_demo_data
-    from mlc_ray.data.images import PreprocessConfig
     from mlc_ray.data.manifest import label_statistics
     from mlc_ray.models import build_tagger, model_spec
     from mlc_ray.train import tracking
     from mlc_ray.train.data import BadImageLog, ValShardingConfig, build_dataset, load_train_val
+    from mlc_ray.train.fingerprint import check_run_fingerprint, run_fingerprint
     from mlc_ray.train.loop import train_loop_per_worker
     from mlc_ray.train.losses import pos_weight_from_frequency
     from mlc_ray.train.metrics import compute_metrics, jsonable_metrics, scalar_metrics
@@ -267,9 +267,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         len(data.val),
         label_statistics(data.train).format(),
     )
-    preprocess = PreprocessConfig(image_size=cfg.image_size, normalization=cfg.normalization)
+    preprocess = cfg.preprocess_config()
     spec = model_spec(cfg.model, len(labels), width=cfg.width, dropout=cfg.dropout)
-    build_tagger(spec, preprocess)  # unknown arch / bad width fail here, before any worker starts
+    _check_start_files(cfg, spec, preprocess)  # a missing/unfitting --pretrained fails before any worker
+    check_run_fingerprint(cfg, run_fingerprint(cfg, data))  # a resumed run must be the same run
     train_targets, val_targets_all = data.train_targets, data.val_targets
 
     init_ray()
@@ -471,6 +472,29 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         measured_on=measured_on,
         metrics_10crop=metrics_10crop,
     )
+
+
+def _check_start_files(cfg: TrainConfig, spec: dict, preprocess: Any) -> None:
+    """Build the model once on the driver (loading ``--pretrained``) and check ``--init-from`` exists,
+    so that a wrong file is one clear error before Ray Train starts a worker."""
+    from mlc_ray import storage
+    from mlc_ray.config import ConfigError
+    from mlc_ray.models import build_tagger
+
+    if cfg.init_from and not (
+        storage.exists(cfg.init_from) or storage.exists(storage.join(cfg.init_from, "model.pt"))
+    ):
+        raise ConfigError(f"init_from: {cfg.init_from} does not exist; give a model bundle dir or checkpoint")
+    if cfg.pretrained and not storage.exists(cfg.pretrained):
+        raise ConfigError(
+            f"pretrained: {cfg.pretrained} does not exist; give a state-dict file (torchvision layout ok)"
+        )
+    try:
+        build_tagger(spec, preprocess, pretrained=cfg.pretrained)
+    except ValueError as exc:  # a file of another arch/width, or not a state dict
+        if not cfg.pretrained:
+            raise
+        raise ConfigError(f"pretrained: {exc}") from None
 
 
 def _images_per_s(result: Any) -> float:

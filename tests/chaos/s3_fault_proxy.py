@@ -25,6 +25,10 @@ exactly the faulty keys.
 until ``stall_release`` is posted (or 300 s pass), then reset. ``stalled`` in the counters lists
 the keys whose writes are being or were held, so a test can kill the writer while it waits.
 
+**Held reads** (for a read deadline): with ``hold_get_pattern`` (a regex on ``bucket/key``) set,
+every object GET that matches is held the same way: no response byte, the connection open until
+``stall_release`` (or 300 s), then reset; ``held_gets`` counts them.
+
 Control endpoint (not forwarded): ``GET /__faults__`` returns the counters as JSON;
 ``POST /__faults__`` with a JSON body sets ``fraction``, ``fail_first``, ``seed``, ``kinds`` and
 resets the counters.
@@ -75,6 +79,8 @@ class FaultPlan:
             self.stall_nth = int(settings.get("stall_nth", 1))
             self.stall_matches: list[str] = []  # distinct keys that matched, in order
             self.stalled: list[str] = []
+            self.hold_get_pattern = settings.get("hold_get_pattern") or None
+            self.held_gets = 0
             if hasattr(self, "release"):
                 self.release.set()  # writes held under the old settings are let go (reset)
             self.release = threading.Event()
@@ -90,6 +96,14 @@ class FaultPlan:
                 return None
             if key not in self.stalled:
                 self.stalled.append(key)
+            return self.release
+
+    def hold_get(self, key: str) -> threading.Event | None:
+        """The event to wait on before resetting this GET of ``key``, or None to serve it."""
+        with self.lock:
+            if not self.hold_get_pattern or not re.search(self.hold_get_pattern, key):
+                return None
+            self.held_gets += 1
             return self.release
 
     def _score(self, key: str) -> int:
@@ -126,6 +140,8 @@ class FaultPlan:
                 "stall_pattern": self.stall_pattern,
                 "stall_matches": list(self.stall_matches),
                 "stalled": list(self.stalled),
+                "hold_get_pattern": self.hold_get_pattern,
+                "held_gets": self.held_gets,
             }
 
 
@@ -197,6 +213,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         if self.command == "GET":
             key = self._object_key()
+            hold = self.server.plan.hold_get(key) if key else None
+            if hold is not None:
+                hold.wait(300)
+                self._reset()
+                return
             kind = self.server.plan.fault_for(key) if key else None
             if kind == "reset":
                 self._reset()

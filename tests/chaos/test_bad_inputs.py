@@ -248,7 +248,8 @@ def test_train_job_bad_inputs(inputs, tmp_path, capsys, monkeypatch) -> None:
         (["--data", f"{manifests}/bad_label.csv"], "dgo"),
         (["--data", f"{manifests}/no_image_column.csv"], "image"),
         (["--data", "s3://no-such-bucket-chaos/m.csv"], "no-such-bucket-chaos"),
-        (["--data", f"{manifests}/empty_image.csv", "--model", "no_such_arch"], "row 2"),
+        (["--data", f"{manifests}/empty_image.csv"], "row 2"),
+        (["--data", f"{manifests}/empty_image.csv", "--model", "no_such_arch"], "no_such_arch"),
         (["--set", "epochz=3"], "epochz"),
     ):
         code, errors, text = run_job(

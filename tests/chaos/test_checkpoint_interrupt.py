@@ -110,6 +110,7 @@ def test_interrupted_checkpoint_save_and_mid_epoch_kill_resume_from_registered_c
     killer.start()
     cfg = TrainConfig(
         data=data, storage_path=f"s3://{BUCKET}/runs", run_name=RUN, image_size=32, epochs=5,
+        model="mobilenet_v1", width=0.5,
         batch_size=16, warmup_epochs=0.5, max_failures=2, experiment="chaos-ckpt",
     )  # fmt: skip
     result = run_training(cfg)

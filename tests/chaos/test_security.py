@@ -224,7 +224,7 @@ def test_canary_secrets_never_reach_logs_mlflow_or_the_table(
 
     train = subprocess.run(
         [*driver, "--job", "train", "--", "--data", data, "--epochs", "1", "--batch-size", "8",
-         "--image-size", "32", "--width", "0.25", "--num-workers", "1", "--storage-path", str(tmp_path / "runs"),
+         "--image-size", "32", "--model", "mobilenet_v1", "--width", "0.25", "--num-workers", "1", "--storage-path", str(tmp_path / "runs"),
          "--run-name", "canary", "--experiment", "chaos-canary", "--max-error-rate", "0.5"],
         cwd=work, env={**base_env, "MLFLOW_TRACKING_URI": train_db},
         capture_output=True, text=True, timeout=240,

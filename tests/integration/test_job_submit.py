@@ -128,6 +128,7 @@ def test_ray_job_submit_train_promote_tag(ray_head: tuple[str, dict[str, str]], 
     }
     train = [
         "jobs/train.py", "--data", data, "--epochs", "1", "--image-size", "32", "--batch-size", "16",
+        "--model", "mobilenet_v1", "--width", "0.5",
         "--storage-path", str(runs), "--run-name", "submitted", "--experiment", "job-submit",
         "--register-as", "submitted-tagger",
     ]  # fmt: skip

@@ -45,7 +45,7 @@ def test_s3_errors_name_the_object(s3_bucket: str) -> None:
     from mlc_ray import storage
 
     missing = f"s3://{s3_bucket}/nope/manifest.csv"
-    with pytest.raises(ManifestError, match=f"{missing}: manifest file not found"):
+    with pytest.raises(ManifestError, match=f"{missing}: manifest file does not exist"):
         load_manifest(missing)
     bad = f"s3://{s3_bucket}/bad/manifest.csv"
     storage.write_text(bad, "image,labels\n../../escape.jpg,a\n")

@@ -31,6 +31,8 @@ def mined(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Tr
         data=data,
         storage_path=str(root / "runs"),
         run_name="mine",
+        model="mobilenet_v1",
+        width=0.5,
         image_size=32,
         epochs=2,
         batch_size=16,

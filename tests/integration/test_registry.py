@@ -422,6 +422,8 @@ def test_trained_model_end_to_end_through_the_server(
         data=data,
         storage_path=str(tmp_path / "runs"),
         run_name="e2e",
+        model="mobilenet_v1",
+        width=0.5,
         image_size=32,
         epochs=1,
         batch_size=16,

@@ -15,7 +15,7 @@ import pytest
 
 from mlc_ray.cli import JobError
 from mlc_ray.data.demo import generate_demo
-from mlc_ray.train.config import TrainConfig
+from mlc_ray.train.config import TrainConfig, light_augment
 from mlc_ray.train.runner import BUNDLE_FILES, TrainResult, run_training
 
 pytestmark = pytest.mark.integration
@@ -55,6 +55,9 @@ def tiny_config(data: str, storage: str, **changes: object) -> TrainConfig:
     base = {
         "data": data,
         "storage_path": storage,
+        "model": "mobilenet_v1",  # the demo's small arch: the library default (224 px V3-Large) is for photos
+        "width": 0.5,
+        "augment": light_augment(),
         "image_size": 32,
         "epochs": 2,
         "batch_size": 16,

@@ -234,7 +234,7 @@ def test_unknown_label_has_a_did_you_mean(tmp_path) -> None:
 
 def test_unreadable_files(tmp_path) -> None:
     missing = tmp_path / "nope.csv"
-    _expect_error(missing, str(missing), "not found")
+    _expect_error(missing, str(missing), "does not exist")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(b"image,labels\n\xff\xfe\xfa,cat\n")
     _expect_error(binary, str(binary), "not UTF-8")

@@ -11,7 +11,13 @@ from mlc_ray.config import ConfigError
 from mlc_ray.tagging.config import TagConfig, parse_actors
 from mlc_ray.tagging.inputs import InputKey, Shard, ShardStore, is_manifest, iter_input_keys, iter_shards
 from mlc_ray.tagging.pipeline import _ShardBuffer, choose_parallelism
-from mlc_ray.tagging.state import RunState, TaggedIndex, default_run_id
+from mlc_ray.tagging.state import (
+    RunState,
+    TaggedIndex,
+    changed_settings,
+    default_run_id,
+    row_affecting_settings,
+)
 
 
 def _pages(n: int, page_size: int = 1000, consumed: list[int] | None = None):
@@ -82,14 +88,47 @@ def test_tagged_index_contains() -> None:
     assert TaggedIndex(np.zeros(0, np.uint64)).contains(["a"], ["1"]).tolist() == [False]
 
 
-def test_run_identity_and_state(tmp_path) -> None:
-    rid = default_run_id("models:/m/3", "s3://b/in/", str(tmp_path))
-    assert rid == default_run_id("models:/m/3", "s3://b/in", str(tmp_path))
-    assert rid != default_run_id("models:/m/4", "s3://b/in", str(tmp_path))
+def _settings(**changes: object) -> dict:
+    base = {
+        "model_pinned": "models:/m/3",
+        "thresholds_sha256": "ab" * 32,
+        "backend": "onnxruntime",
+        "precision": "fp32",
+        "preprocess": {"image_size": 224, "normalization": "imagenet"},
+        "input_uri": "s3://b/in/",
+        "output_uri": "s3://b/tags",
+    }
+    return row_affecting_settings(**{**base, **changes})
+
+
+def test_run_identity_covers_every_row_affecting_setting(tmp_path) -> None:
+    rid = default_run_id(_settings())
+    assert rid == default_run_id(_settings(input_uri="s3://b/in"))  # a trailing slash is the same input
+    for change in (
+        {"model_pinned": "models:/m/4"},
+        {"thresholds_sha256": "cd" * 32},
+        {"backend": "ncnn"},
+        {"precision": "int8"},
+        {"preprocess": {"image_size": 160, "normalization": "imagenet"}},
+        {"input_uri": "s3://b/other/"},
+        {"output_uri": "s3://b/tags2"},
+        {"tta": "10crop"},  # a tag-time option joins the identity by keyword
+    ):
+        assert default_run_id(_settings(**change)) != rid, change
+    assert changed_settings(_settings(), _settings(precision="int8")) == ["precision: 'fp32' -> 'int8'"]
+    assert changed_settings({}, _settings()) == []  # a state from before settings were kept
     assert RunState.load(str(tmp_path), rid) is None
-    state = RunState.new(run_id=rid, model="models:/m/3", input="s3://b/in", output=str(tmp_path), config={})
+    state = RunState.new(
+        run_id=rid,
+        model="models:/m/3",
+        input="s3://b/in",
+        output=str(tmp_path),
+        config={},
+        settings=_settings(),
+    )
     state.save()
-    assert RunState.load(str(tmp_path), rid).dt == state.dt
+    loaded = RunState.load(str(tmp_path), rid)
+    assert loaded.dt == state.dt and loaded.settings == _settings()
 
 
 def test_shard_buffer_dedupes_retried_rows() -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mlc_ray.config import ConfigError, load_config
-from mlc_ray.train.config import TrainConfig
+from mlc_ray.models import arch_defaults, list_models
+from mlc_ray.train.config import DEMO_PRESET, AugmentConfig, TrainConfig, load_train_config
 from mlc_ray.train.loop import lr_factor
 from mlc_ray.train.mining import MiningConfig
 from mlc_ray.train.tracking import flatten_params, per_label_table, resolve_tracking_uri
@@ -28,16 +29,44 @@ def _train_job():
 def _resolve(argv: list[str]) -> TrainConfig:
     job = _train_job()
     args = job.build_parser().parse_args(argv)
-    return load_config(TrainConfig, args.config, job.overrides_from_args(args))
+    return load_train_config(args.config, job.overrides_from_args(args))
 
 
-def test_defaults_are_the_valid_demo_config() -> None:
+def test_defaults_are_for_photos_and_come_from_the_arch() -> None:
     cfg = TrainConfig()
-    assert cfg.data is None and cfg.model == "mobilenet_v1" and cfg.num_workers == 1
-    assert cfg.run_name.startswith("mobilenet_v1-")
+    assert cfg.data is None and cfg.model == "mobilenet_v3_large" and cfg.num_workers == 1
+    assert cfg.image_size == 224 and cfg.width == 1.0 and cfg.normalization == "imagenet"
+    assert cfg.augment == AugmentConfig() and cfg.augment.hflip == 0.5
+    assert cfg.run_name.startswith("mobilenet_v3_large-")
     assert cfg.bundle_dir == f"{cfg.storage_path}/{cfg.run_name}/model"
     assert cfg.per_worker_batch_size == cfg.batch_size
     assert isinstance(cfg.mining, MiningConfig) and not cfg.mining.enabled
+    for name in list_models():  # every arch is a valid config with no other setting
+        arch = arch_defaults(name)
+        cfg = TrainConfig(data="m.csv", model=name)
+        assert (cfg.width, cfg.image_size, cfg.dropout) == (arch.width, arch.input_size, arch.dropout)
+        pre = cfg.preprocess_config()
+        assert (pre.image_size, pre.mean, pre.std) == (arch.input_size, arch.mean, arch.std)
+    # a value the user gives wins over the arch's
+    assert TrainConfig(data="m.csv", model="mobilenet_v2", width=0.75, image_size=160).width == 0.75
+
+
+def test_no_data_anywhere_is_the_demo_preset_which_configs_demo_yaml_writes_out() -> None:
+    from mlc_ray.config import config_to_dict
+
+    def plain(cfg: TrainConfig) -> dict:
+        out = config_to_dict(cfg)
+        out.pop("run_name")
+        return out
+
+    demo = _resolve([])
+    assert plain(demo) == plain(load_config(TrainConfig, REPO / "configs" / "demo.yaml"))
+    assert plain(demo) == plain(load_config(TrainConfig, overrides=DEMO_PRESET))
+    assert (demo.model, demo.width, demo.image_size, demo.epochs) == ("mobilenet_v1", 0.5, 96, 15)
+    assert _resolve(["--epochs", "3"]).epochs == 3 and _resolve(["--epochs", "3"]).width == 0.5
+    # --data: the preset is not applied, the arch's defaults are
+    real = _resolve(["--data", "photos.csv", "--model", "resnext50_32x4d"])
+    assert (real.width, real.image_size, real.epochs) == (1.0, 224, TrainConfig().epochs)
 
 
 def test_unknown_key_error_names_the_key(tmp_path: Path) -> None:
@@ -74,7 +103,7 @@ def test_cli_overrides_yaml_overrides_defaults(tmp_path: Path) -> None:
     assert cfg.epochs == 3  # CLI beats YAML
     assert cfg.lr == 0.01 and cfg.batch_size == 16  # YAML beats defaults
     assert cfg.use_gpu is True and cfg.mining.top_k == 11
-    assert cfg.image_size == TrainConfig().image_size  # untouched default
+    assert cfg.image_size == DEMO_PRESET["image_size"]  # untouched: no --data, the demo preset
     cfg = _resolve(["--mine", "--run-name", "r1", "--storage-path", "s3://b/runs"])
     assert cfg.mining.enabled and cfg.run_dir == "s3://b/runs/r1" and cfg.bundle_dir == "s3://b/runs/r1/model"
 

@@ -1,0 +1,90 @@
+"""The training job from a user's command line: every registered architecture trains with its own
+defaults, and a run started again with other settings is refused (not silently resumed).
+
+One local Ray for the module; ``jobs/train.py``'s ``main()`` runs in-process (it finds Ray started).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from mlc_ray.data.demo import generate_demo
+from mlc_ray.models import arch_defaults, list_models
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def _train_main():
+    spec = importlib.util.spec_from_file_location("train_job", REPO_ROOT / "jobs" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("defaults")
+    data = generate_demo(str(root / "demo"), seed=7, num_train=16, num_val=8, image_size=32)
+    return {"data": data, "runs": str(root / "runs"), "db": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def _bundle(runs: str, run_name: str) -> tuple[dict, dict]:
+    model = json.loads(Path(runs, run_name, "model", "model.json").read_text())
+    pre = json.loads(Path(runs, run_name, "model", "preprocess.json").read_text())
+    return model, pre
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_trains_with_only_data_and_model(
+    name: str, tiny: dict, ray_local: None, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """--data M --model NAME and nothing about the arch: width, normalisation and the rest come from
+    the registry entry (--image-size 32 and --epochs 1 only keep the test cheap)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny["db"])
+    argv = ["--data", tiny["data"], "--model", name, "--epochs", "1", "--image-size", "32",
+            "--storage-path", tiny["runs"], "--run-name", f"defaults-{name}"]  # fmt: skip
+    code = _train_main()(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "Traceback" not in captured.err
+    model, pre = _bundle(tiny["runs"], f"defaults-{name}")
+    arch = arch_defaults(name)
+    assert model["arch"] == name and model["width"] == arch.width and model["dropout"] == arch.dropout
+    assert pre["image_size"] == 32 and pre["normalization"] == arch.normalization
+    assert tuple(pre["mean"]) == arch.mean and tuple(pre["std"]) == arch.std
+
+
+def test_resume_with_changed_settings_is_refused_unless_asked(
+    tiny: dict, ray_local: None, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny["db"])
+    main = _train_main()
+    base = ["--data", tiny["data"], "--model", "mobilenet_v1", "--width", "0.25", "--epochs", "1",
+            "--storage-path", tiny["runs"], "--run-name", "fp"]  # fmt: skip
+    assert main([*base, "--image-size", "32"]) == 0, capsys.readouterr().err[-3000:]
+    first = Path(tiny["runs"], "fp", "model", "model.pt").stat().st_mtime_ns
+    capsys.readouterr()
+
+    # another image size and loss under the same --run-name: one error line naming both, exit 2
+    code = main([*base, "--image-size", "48", "--loss", "asl"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-3000:]
+    assert "image_size 32 -> 48" in errors[0] and "loss bce -> asl" in errors[0]
+    assert "--run-name" in errors[0] and "--resume-changed" in errors[0]
+    assert "Traceback" not in err
+    assert Path(tiny["runs"], "fp", "model", "model.pt").stat().st_mtime_ns == first  # nothing rewritten
+
+    # resuming a finished run for more epochs is not a change of the run
+    assert main([*base, "--image-size", "32", "--epochs", "2"]) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
+
+    # --resume-changed resumes it anyway and records the new settings
+    assert main([*base, "--image-size", "32", "--epochs", "2", "--loss", "asl", "--resume-changed"]) == 0
+    saved = json.loads(Path(tiny["runs"], "fp", "mlc_ray_fingerprint.json").read_text())
+    assert saved["loss"] == "asl" and saved["image_size"] == 32
