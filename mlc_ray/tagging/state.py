@@ -33,9 +33,15 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 
 
-def default_run_id(model_pinned: str, input_uri: str, output_uri: str) -> str:
-    """Hash of the run identity: same pinned model version, input and output -> same run id."""
-    text = json.dumps([model_pinned, input_uri.rstrip("/"), output_uri.rstrip("/")])
+def default_run_id(
+    model_pinned: str, input_uri: str, output_uri: str, tag_options: dict | None = None
+) -> str:
+    """Hash of the run identity: same pinned model version, input, output and tag-time options
+    (``TagOptions.to_dict()``) -> same run id. No options hash as before, so old runs still resume."""
+    parts: list = [model_pinned, input_uri.rstrip("/"), output_uri.rstrip("/")]
+    if tag_options:
+        parts.append({"tag_options": tag_options})
+    text = json.dumps(parts, sort_keys=True)
     return "r" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

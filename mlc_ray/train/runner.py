@@ -45,7 +45,15 @@ log = logging.getLogger(__name__)
 # watching a run and for the fault-injection tests that kill a worker mid-run.
 HEARTBEAT_ENV = "MLC_RAY_TRAIN_HEARTBEAT_DIR"
 
-BUNDLE_FILES = ("model.pt", "model.json", "labels.json", "preprocess.json", "thresholds.json", "metrics.json")
+BUNDLE_FILES = (
+    "model.pt",
+    "model.json",
+    "labels.json",
+    "preprocess.json",
+    "thresholds.json",
+    "metrics.json",
+    "label_rates.json",
+)
 
 
 @dataclass
@@ -217,7 +225,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     import mlflow
     import ray
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mlc_ray.calibrate import calibrate_thresholds
@@ -227,6 +235,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from mlc_ray.data.images import PreprocessConfig
     from mlc_ray.data.manifest import label_statistics
     from mlc_ray.models import build_tagger, model_spec
+    from mlc_ray.progress import quiet_ray_progress
+    from mlc_ray.tagging.report import expected_label_rates
     from mlc_ray.train import tracking
     from mlc_ray.train.data import BadImageLog, ValShardingConfig, build_dataset, load_train_val
     from mlc_ray.train.loop import train_loop_per_worker
@@ -256,6 +266,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     train_targets, val_targets_all = data.train_targets, data.val_targets
 
     init_ray()
+    quiet_ray_progress()  # before the datasets exist: their split coordinator copies this context
     bad_log = BadImageLog()
     datasets = {
         "train": build_dataset(
@@ -319,6 +330,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                     checkpoint_score_order="max",
                 ),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                # Ray Train's own INFO lines (a TrainingReport dump per epoch, checkpoint paths) go to
+                # the log files Ray keeps (its system logs hold every level); the console gets the
+                # loop's one line per epoch
+                logging_config=LoggingConfig(log_level="WARNING"),
                 **_storage_args(cfg.storage_path),
             ),
             datasets=datasets,
@@ -371,6 +386,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             m05 = compute_metrics(val_scores, val_targets, 0.5, labels=labels)
             mcal = compute_metrics(val_scores, val_targets, thresholds.as_array(), labels=labels)
             (bundle / "thresholds.json").write_text(thresholds.to_json())
+            # what tagging's drift check compares each run with (mlc_ray.tagging.report)
+            rates = expected_label_rates(val_scores, thresholds.values, labels)
+            (bundle / "label_rates.json").write_text(json.dumps(rates, indent=2) + "\n")
             metrics_doc = {
                 "calibrated": jsonable_metrics(mcal, labels),
                 "at_0.5": jsonable_metrics(m05, labels),
