@@ -29,6 +29,12 @@
    means the model or the machine is broken, not an image: the run fails with a clear error.
 5. **Summarise**: counts and errors by code in ``summary.json`` (+ ``_SUCCESS`` when the error rate
    is within ``--max-error-rate``) under the run's state directory, and a table in the log.
+6. **Report** (``report.py``): per-label counts and score histograms taken from each shard's rows at
+   commit, contact-sheet thumbnails chosen in the actors (``_thumb`` column, dropped before the
+   Parquet file), the drift check against the bundle's ``label_rates.json``, the files under
+   ``_runs/<run_id>/report/`` and one MLflow run in experiment ``tagging``. ``--drift-alert`` turns a
+   moved label into exit 3, after everything is written. Tag-time options (``options.py``) decide
+   the listed labels in the Predictor; the log gets one progress line every ``--progress-every`` s.
 
 Parallelism rule (``choose_parallelism``), overridable with ``--actors`` / ``--threads-per-actor``:
 with C cluster CPUs, keep R = max(1, C // 8) CPUs for the read tasks and the driver (reads are I/O
