@@ -138,7 +138,9 @@ def test_report_files_and_mlflow_run(demo_run, trained) -> None:
         listed = sum(row["label"] in (labs or []) for labs in table.column("labels").to_pylist())
         assert row["listed"] == listed, row["label"]
         assert sum(row["hist"]) == doc["summary"]["ok"]
-        assert row["drift"]["status"] in ("ok", "moved", "too few") and row["drift"]["expected_rate"] is not None
+        assert (
+            row["drift"]["status"] in ("ok", "moved", "too few") and row["drift"]["expected_rate"] is not None
+        )
         assert (report / row["contact_sheet"]).stat().st_size > 1000
         # every sampled image is a row of this run, with the score the sheet shows
         assert set(row["samples"]["top"]) <= set(table.column("image_uri").to_pylist())
@@ -220,7 +222,9 @@ def test_tag_time_options_in_rows_and_run_identity(trained, demo_run) -> None:
     (run,) = list((out_dir / "_runs").iterdir())
     assert run.name not in {p.name for p in (demo_out / "_runs").iterdir()}
     # unknown labels: one error line naming them, exit 2, nothing written
-    bad = run_job("tag.py", [*args[:6], "--labels", f"{labels[0]},nosuch,dgo", "--output", str(root / "x")], env)
+    bad = run_job(
+        "tag.py", [*args[:6], "--labels", f"{labels[0]},nosuch,dgo", "--output", str(root / "x")], env
+    )
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --labels: 'nosuch', 'dgo' not in")
     assert "Traceback" not in bad.stderr and not (root / "x").exists()
