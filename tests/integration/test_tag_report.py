@@ -134,10 +134,13 @@ def test_report_files_and_mlflow_run(demo_run, trained) -> None:
     table = pads.dataset(str(out_dir), format="parquet", partitioning="hive").to_table()
     assert table.num_rows == 600 == doc["summary"]["images"]
     # the counts gathered at commit equal what the table says
-    for j, row in enumerate(doc["labels"]):
+    scores = [{s["label"]: s["score"] for s in r} for r in table.column("scores").to_pylist() if r]
+    for row in doc["labels"]:
         listed = sum(row["label"] in (labs or []) for labs in table.column("labels").to_pylist())
         assert row["listed"] == listed, row["label"]
-        assert sum(row["hist"]) == doc["summary"]["ok"]
+        assert row["above"] == sum(s[row["label"]] >= row["threshold"] for s in scores), row["label"]
+        assert sum(row["hist"]) == doc["summary"]["ok"] == len(scores)
+        assert row["hist"][-1] == sum(s[row["label"]] >= 0.95 for s in scores), row["label"]
         assert (
             row["drift"]["status"] in ("ok", "moved", "too few") and row["drift"]["expected_rate"] is not None
         )
