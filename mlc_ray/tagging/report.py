@@ -72,7 +72,7 @@ KIND_TITLES = {
     "top": "highest scores",
     "above": "just above the threshold",
     "below": "just below the threshold",
-    "random": "random images listed with it",
+    "random": "random images at or above the threshold",
 }
 SAMPLES_PER_KIND = 8  # thumbnails per kind per label: a contact sheet is 4 rows x 8
 THUMB_SIDE = 64  # pixels; JPEG quality 80 makes one ~2 KB
