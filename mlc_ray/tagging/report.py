@@ -442,7 +442,8 @@ def _histograms_png(
             ref = np.asarray(expectation["hist"][j], dtype=np.float64)
             ax.step(edges[:-1], ref / max(1.0, ref.sum()), where="post", color="#d65f5f", label="validation")
         ax.axvline(float(thresholds[j]), color="black", linestyle="--", linewidth=1)
-        ax.set_yscale("log")
+        if hist[j].any():  # a run without scored images has nothing to put on a log scale
+            ax.set_yscale("log")
         ax.set_title(labels[j], fontsize=9)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
