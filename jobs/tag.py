@@ -4,11 +4,16 @@
         [--backend onnxruntime|ncnn] [--precision fp32|int8] [--batch-size 32] [--actors MIN:MAX]
         [--threads-per-actor N] [--use-gpu] [--incremental] [--max-error-rate 0.05] [--limit N]
         [--shard-size 10000] [--run-id ID] [--config tag.yaml]
+        [--min-score S] [--top-k K] [--labels a,b] [--exclude-labels c]
+        [--progress-every 30] [--drift-alert X] [--no-report] [--no-mlflow]
 
 With no arguments it tags the demo images with the demo champion (models:/mlc-ray-demo@champion)
 into ./tags/demo. Rerunning the same command resumes the same run (committed shards are skipped).
+Every run leaves a report under <output>/_runs/<run_id>/report/ (index.html, contact sheets, score
+histograms, label rates against the model's validation rates) and a run in MLflow experiment `tagging`.
 Exit codes: 0 done, 1 error rate above --max-error-rate (rows are still written), 2 a user error
-(unknown model/alias, missing input, bad config), 4 a model file does not match its sha256 tag.
+(unknown model/alias/label, missing input, bad config), 3 a label's rate left the --drift-alert band
+(rows and report are written), 4 a model file does not match its sha256 tag.
 """
 
 from __future__ import annotations
@@ -44,10 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="total seconds to read one object, retries included; later it is an `unreadable` row (default 60)",
     )
+    p.add_argument("--min-score", type=float, help="list a label only when its score >= max(threshold, S)")
+    p.add_argument("--top-k", type=int, help="list at most K labels per image, highest scores first")
+    p.add_argument("--labels", help="comma-separated labels: only these are listed (scores keep every label)")
+    p.add_argument("--exclude-labels", help="comma-separated labels never listed")
+    p.add_argument(
+        "--progress-every", type=float, help="seconds between progress lines (default 30; no progress bars)"
+    )
+    p.add_argument(
+        "--drift-alert",
+        type=float,
+        metavar="X",
+        help="exit 3 when a label's rate / its validation rate leaves [1/X, X] (after writing everything)",
+    )
+    p.add_argument("--no-report", dest="report", action="store_false", default=None, help="no report files")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false", default=None, help="no MLflow run")
     p.add_argument(
         "--run-id",
         help="name the run (default: hash of model version, thresholds, backend, precision, "
-        "preprocessing, input, output)",
+        "preprocessing, tag-time options, input, output)",
     )
     p.add_argument("--config", help="YAML file with TagConfig keys; flags override it")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -65,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
         cfg = load_config(TagConfig, args.config, overrides)
-        summary = run_tagging(cfg)
-        print(summary.format())
+        summary = run_tagging(cfg, raise_on_error_rate=False)
+        print(summary.format(), flush=True)  # the summary table, also when the job then fails
+        summary.raise_for_outcome()  # exit 1 (error rate) or 3 (drift alert), one error line
         return 0
 
     return run_job(body)

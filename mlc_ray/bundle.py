@@ -53,6 +53,9 @@ ONNX = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
 NCNN_PARAM = "model.ncnn.param"
 NCNN_BIN = "model.ncnn.bin"
+# each label's predicted-positive rate and score histogram on the validation set (training writes
+# it; tagging's drift check reads it; older bundles lack it: drift is then "not available")
+LABEL_RATES = "label_rates.json"
 
 # Every file a bundle may hold, in the order training then export write them.
 ARTIFACT_FILES: tuple[str, ...] = (
@@ -62,12 +65,13 @@ ARTIFACT_FILES: tuple[str, ...] = (
     PREPROCESS,
     THRESHOLDS,
     METRICS,
+    LABEL_RATES,
     ONNX,
     ONNX_INT8,
     NCNN_PARAM,
     NCNN_BIN,
 )
-TRAINING_FILES: tuple[str, ...] = ARTIFACT_FILES[:6]  # what training writes (export adds the rest)
+TRAINING_FILES: tuple[str, ...] = ARTIFACT_FILES[:7]  # what training writes (export adds the rest)
 EXPORT_FILES: dict[str, tuple[str, ...]] = {  # export format -> the files it writes
     "onnx": (ONNX,),
     "int8": (ONNX_INT8,),
@@ -184,6 +188,15 @@ class ModelBundle:
         data = self._json(METRICS)
         if not isinstance(data, dict):
             raise BundleError(f"{self.metrics_path}: expected a JSON object")
+        return data
+
+    def label_rates(self) -> dict[str, Any] | None:
+        """``label_rates.json`` (``mlc_ray.tagging.report.expected_label_rates``), or None when absent."""
+        if not self.has(LABEL_RATES):
+            return None
+        data = self._json(LABEL_RATES)
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path(LABEL_RATES)}: expected a JSON object")
         return data
 
     def preprocess(self) -> Any:

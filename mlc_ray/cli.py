@@ -79,6 +79,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    from mlc_ray.progress import plain_console
+
+    plain_console()  # no colour codes in logs that are not a terminal (ray job logs, cron, CI)
     ray.init(address=address, log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
 
 

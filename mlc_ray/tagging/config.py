@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlc_ray.config import ConfigError
+from mlc_ray.tagging.options import TagOptions
 
 __all__ = [
     "TagConfig",
@@ -70,6 +71,18 @@ class TagConfig:
     # an inference batch running longer than this is taken as hung: its actor exits, the batch is
     # retried, and an image that hangs every time ends as a `timeout` row (pipeline docstring)
     batch_timeout_s: float = 600.0
+    # tag-time options (mlc_ray.tagging.options): part of every row's provenance and of the run id
+    min_score: float | None = None  # list a label only when its score >= max(its threshold, min_score)
+    top_k: int | None = None  # list at most this many labels per image, highest scores first
+    labels: str | list[str] | None = None  # "a,b": only these labels are ever listed
+    exclude_labels: str | list[str] | None = None  # "c": these labels are never listed
+    # reporting: a progress line every this many seconds (no progress bars when not a terminal)
+    progress_every: float = 30.0
+    # exit 3 (after every row and the report are written) when a label's positive rate over its
+    # rate on the model's validation set leaves [1/drift_alert, drift_alert]; None = report only
+    drift_alert: float | None = None
+    report: bool = True  # write the run's report (contact sheets, histograms); False: counts and drift only
+    mlflow: bool = True  # log the report to one MLflow run in experiment "tagging" (MLFLOW_TRACKING_URI)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -104,10 +117,24 @@ class TagConfig:
         if not 0.0 <= float(self.max_error_rate) <= 1.0:
             raise ConfigError(f"max_error_rate: expected a fraction in [0, 1], got {self.max_error_rate!r}")
         parse_actors(self.actors)  # validate now, not after the listing
+        _ = self.tag_options  # validates min_score / top_k / labels
+        if isinstance(self.progress_every, bool) or not float(self.progress_every) > 0:
+            raise ConfigError(f"progress_every: expected seconds > 0, got {self.progress_every!r}")
+        if self.drift_alert is not None and not float(self.drift_alert) > 1.0:
+            raise ConfigError(
+                f"drift_alert: expected a rate ratio > 1 (e.g. 2 = alert when a label's rate halves or "
+                f"doubles), got {self.drift_alert!r}"
+            )
         if self.run_id is not None and (
             not self.run_id or not all(c.isalnum() or c in "-_." for c in self.run_id)
         ):
             raise ConfigError(f"run_id: use letters, digits, '-', '_' or '.', got {self.run_id!r}")
+
+    @property
+    def tag_options(self) -> TagOptions:
+        return TagOptions(
+            min_score=self.min_score, top_k=self.top_k, labels=self.labels, exclude_labels=self.exclude_labels
+        )
 
     @property
     def actor_range(self) -> tuple[int, int] | None:

@@ -29,6 +29,12 @@
    means the model or the machine is broken, not an image: the run fails with a clear error.
 5. **Summarise**: counts and errors by code in ``summary.json`` (+ ``_SUCCESS`` when the error rate
    is within ``--max-error-rate``) under the run's state directory, and a table in the log.
+6. **Report** (``report.py``): per-label counts and score histograms taken from each shard's rows at
+   commit, contact-sheet thumbnails chosen in the actors (``_thumb`` column, dropped before the
+   Parquet file), the drift check against the bundle's ``label_rates.json``, the files under
+   ``_runs/<run_id>/report/`` and one MLflow run in experiment ``tagging``. ``--drift-alert`` turns a
+   moved label into exit 3, after everything is written. Tag-time options (``options.py``) decide
+   the listed labels in the Predictor; the log gets one progress line every ``--progress-every`` s.
 
 Parallelism rule (``choose_parallelism``), overridable with ``--actors`` / ``--threads-per-actor``:
 with C cluster CPUs, keep R = max(1, C // 8) CPUs for the read tasks and the driver (reads are I/O
@@ -59,8 +65,19 @@ import numpy as np
 import pyarrow as pa
 
 from mlc_ray.cli import JobError, UserError
+from mlc_ray.progress import ProgressLine, quiet_ray_progress
 from mlc_ray.tagging.config import DEFAULT_READ_DEADLINE_S, DEMO_MODEL_URI, TagConfig
 from mlc_ray.tagging.inputs import Shard, ShardStore, is_manifest, iter_input_keys, iter_shards
+from mlc_ray.tagging.options import TagOptions
+from mlc_ray.tagging.report import (
+    THUMB_COLUMN,
+    RunReport,
+    ThumbnailSampler,
+    empty_totals,
+    load_expectation,
+    merge_totals,
+    shard_label_stats,
+)
 from mlc_ray.tagging.state import (
     RunState,
     TaggedIndex,
@@ -89,11 +106,13 @@ __all__ = [
     "read_objects",
     "Predictor",
     "EXIT_ERROR_RATE",
+    "EXIT_DRIFT",
 ]
 
 log = logging.getLogger(__name__)
 
 EXIT_ERROR_RATE = 1  # the job's exit code when the error rate is above --max-error-rate
+EXIT_DRIFT = 3  # ... when a label's rate left the --drift-alert band (rows and report are written)
 WINDOW_KEYS = 50_000  # keys per Ray Dataset: bounds the driver's buffered results
 READ_BLOCK_KEYS = 64  # keys per read task
 # Bounded on purpose: Ray Data's actor pools default to unlimited actor restarts *and* unlimited
@@ -105,7 +124,8 @@ PREDICTOR_MAX_TASK_RETRIES = 4
 ISOLATION_ATTEMPTS = 2  # tries of an isolated single image before its row says crashed/timeout
 ISOLATION_MAX_IMAGES = 20  # more crashing images than this in one window: the run fails instead
 ROUTING_COLUMNS = (pa.field("_shard", pa.int32()), pa.field("_pos", pa.int32()))
-PREDICTOR_OUTPUT_SCHEMA = pa.schema([*TAG_TABLE_SCHEMA, *ROUTING_COLUMNS])
+# _thumb: a small JPEG for the rows that enter the run's contact-sheet selections (report.py), else null
+PREDICTOR_OUTPUT_SCHEMA = pa.schema([*TAG_TABLE_SCHEMA, *ROUTING_COLUMNS, THUMB_COLUMN])
 # Test/chaos hook: when set to a path that does not exist yet, the first Predictor call creates it
 # and kills its own process (a crashed actor), once per marker.
 CHAOS_EXIT_ONCE_ENV = "MLC_RAY_CHAOS_PREDICTOR_EXIT_ONCE"
@@ -320,6 +340,8 @@ class Predictor:
         batch_timeout_s: float | None = None,
         chaos_exit_once: str | None = None,
         chaos_delay_s: float = 0.0,
+        options: dict | None = None,
+        sample_thumbnails: bool = True,
     ) -> None:
         import threading
 
@@ -335,6 +357,9 @@ class Predictor:
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.preprocess = PreprocessConfig.from_dict(preprocess)
         self.provenance = Provenance.from_dict(provenance)
+        self.options = TagOptions.from_dict(options)
+        self.allowed = self.options.allowed_mask(self.labels)
+        self.sampler = ThumbnailSampler(self.thresholds) if sample_thumbnails else None
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
         self.chaos_exit_once = chaos_exit_once
         self.chaos_delay_s = float(chaos_delay_s)
@@ -400,9 +425,15 @@ class Predictor:
                 raise RuntimeError(
                     f"model returned scores of shape {scores.shape}, expected ({len(ok_rows)}, {len(self.labels)})"
                 )
-            predicted = scores >= self.thresholds[None, :]
+            predicted = self.options.select(scores, self.thresholds, self.allowed)
+        uris = batch.column("image_uri").to_pylist()
+        thumbs: list[bytes | None] = [None] * len(uris)
+        if ok_rows and self.sampler is not None:
+            made = self.sampler.thumbnails(pixels, scores, [uris[i] for i in ok_rows])
+            for i, thumb in zip(ok_rows, made, strict=True):
+                thumbs[i] = thumb
         table = tag_rows(
-            image_uris=batch.column("image_uri").to_pylist(),
+            image_uris=uris,
             source_etags=batch.column("source_etag").to_pylist(),
             label_names=self.labels,
             scores=scores,
@@ -414,7 +445,8 @@ class Predictor:
             provenance=self.provenance,
         )
         table = table.append_column(ROUTING_COLUMNS[0], batch.column("_shard").cast(pa.int32()))
-        return table.append_column(ROUTING_COLUMNS[1], batch.column("_pos").cast(pa.int32()))
+        table = table.append_column(ROUTING_COLUMNS[1], batch.column("_pos").cast(pa.int32()))
+        return table.append_column(THUMB_COLUMN, pa.array(thumbs, pa.binary()))
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -447,6 +479,16 @@ class TagSummary:
     incremental: bool = False
     finished_at: str = ""
     notice: str = ""  # e.g. "run ... is already complete; N keys under the input are not in it: ..."
+    tag_options: str = "{}"  # TagOptions.to_json()
+    drift_alert: float | None = None  # --drift-alert X
+    drift_available: bool = False  # the model bundle records its validation rates (label_rates.json)
+    drift: list[dict] = field(default_factory=list)  # labels whose status is not "ok" (report.DriftRow)
+    report: str = ""  # the report's index.html
+    mlflow_run_id: str | None = None  # the run in MLflow experiment "tagging"
+
+    @property
+    def drift_alerts(self) -> list[dict]:
+        return [d for d in self.drift if d.get("alert")]
 
     @property
     def errors(self) -> int:
@@ -479,9 +521,56 @@ class TagSummary:
             ("this attempt", f"{self.images_this_attempt} images in {self.wall_s:.1f} s"),
             ("images/s", f"{self.images_per_s:.1f}"),
         ]
+        if self.tag_options != "{}":
+            rows.append(("tag options", self.tag_options))
+        moved = [d for d in self.drift if d.get("status") == "moved"]
+        if not self.drift_available:
+            rows.append(("drift", "not available (the model bundle records no validation rates)"))
+        elif not moved:
+            rows.append(("drift", "no label moved"))
+        for d in moved:
+            ratio = d.get("ratio")
+            text = "inf" if ratio is None else f"{ratio:.2f}"
+            rows.append(
+                (
+                    f"  {d['label']}",
+                    f"rate {d['rate']:.4f} vs {d['expected_rate']:.4f} on validation (x{text}, p={d['p_value']:.1g})"
+                    + ("  ALERT" if d.get("alert") else ""),
+                )
+            )
+        if self.report:
+            rows.append(("report", self.report))
+        if self.mlflow_run_id:
+            rows.append(("mlflow run", f"{self.mlflow_run_id} (experiment tagging)"))
         width = max(len(k) for k, _ in rows)
         table = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
         return f"{self.notice}\n{table}" if self.notice else table
+
+    def raise_for_outcome(self) -> None:
+        """``JobError`` exit 1 when the error rate is above --max-error-rate, else exit 3
+        (``EXIT_DRIFT``) when a label's rate left the --drift-alert band; every row and the
+        report are written by then."""
+        if not self.error_rate_ok:
+            first = ", ".join(f"{k}={v}" for k, v in self.errors_by_code.items())
+            raise JobError(
+                f"{self.errors} of {self.images} images failed ({self.error_rate:.2%} > "
+                f"--max-error-rate {self.max_error_rate:.2%}; {first}); rows are in {self.output}, "
+                "look at the `error` column",
+                exit_code=EXIT_ERROR_RATE,
+            )
+        alerts = self.drift_alerts
+        if alerts:
+            moved = ", ".join(
+                f"{d['label']} {d['rate']:.4f} vs {d['expected_rate']:.4f}"
+                f" (x{'inf' if d['ratio'] is None else format(d['ratio'], '.2f')})"
+                for d in alerts
+            )
+            raise JobError(
+                f"drift: {len(alerts)} label rate(s) outside [1/{self.drift_alert:g}, {self.drift_alert:g}] x "
+                f"the model's validation rate: {moved}; every row is written ({self.output}), see the "
+                f"report {self.report or '(disabled)'}",
+                exit_code=EXIT_DRIFT,
+            )
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -591,14 +680,18 @@ def _content_etag_or_none(uri: str) -> str | None:
         return None  # unreadable now: it will be an error row, retried by the next run
 
 
-def _shard_counts_from_file(uri: str) -> tuple[int, Counter]:
+def _shard_counts_from_file(uri: str, labels: list[str], thresholds: Any) -> tuple[int, Counter, dict]:
+    """Counts of a shard whose counts file is missing (killed between commit and counts): the only
+    case that reads a committed file back."""
     import pyarrow.parquet as pq
 
     from mlc_ray import storage
 
     fs, path = storage.arrow_filesystem(uri)
-    errors = pq.read_table(path, columns=["error"], filesystem=fs).column("error").to_pylist()
-    return len(errors), Counter(error_code(e) for e in errors if e)
+    table = pq.read_table(path, columns=["error", "labels", "scores"], filesystem=fs)
+    errors = table.column("error").to_pylist()
+    stats = shard_label_stats(table, labels, list(thresholds))
+    return len(errors), Counter(error_code(e) for e in errors if e), stats
 
 
 class _ShardBuffer:
@@ -610,7 +703,8 @@ class _ShardBuffer:
         self.parts: list[pa.Table] = []
         self.seen = np.zeros(len(shard), dtype=bool)
 
-    def add(self, part: pa.Table) -> None:
+    def add(self, part: pa.Table) -> tuple[int, int]:
+        """Keep the rows of positions not seen yet; returns (rows kept, of which errors)."""
         pos = np.asarray(part.column("_pos").to_numpy(zero_copy_only=False), dtype=np.int64)
         fresh = ~self.seen[pos]
         # positions repeated inside `part` itself keep their first row
@@ -618,15 +712,19 @@ class _ShardBuffer:
         keep = np.zeros(len(pos), dtype=bool)
         keep[first] = True
         keep &= fresh
-        if keep.any():
-            self.parts.append(part.filter(pa.array(keep)))
-            self.seen[pos[keep]] = True
+        if not keep.any():
+            return 0, 0
+        kept = part.filter(pa.array(keep))
+        self.parts.append(kept)
+        self.seen[pos[keep]] = True
+        errors = kept.num_rows - kept.column("error").null_count if "error" in kept.column_names else 0
+        return kept.num_rows, errors
 
     @property
     def complete(self) -> bool:
         return bool(self.seen.all())
 
-    def table(self) -> pa.Table:
+    def table(self, *, keep_thumbs: bool = False) -> pa.Table:
         combined = pa.concat_tables(self.parts)
         combined = combined.take(pa.array(np.argsort(combined.column("_pos").to_numpy(), kind="stable")))
         uris = combined.column("image_uri").to_pylist()
@@ -634,7 +732,8 @@ class _ShardBuffer:
             raise RuntimeError(
                 f"shard {self.shard.index}: rows do not match the shard's keys; not committing"
             )
-        return combined.select(TAG_TABLE_SCHEMA.names)
+        names = [*TAG_TABLE_SCHEMA.names, *(["_thumb"] if keep_thumbs else [])]
+        return combined.select(names)
 
 
 def _shard_dataset(shards: list[Shard]) -> Any:
@@ -679,6 +778,9 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         input_uri = ensure_demo_data()
         log.info("no --input: tagging the demo images (%s)", input_uri)
 
+    options = cfg.tag_options
+    options.check(labels)  # an unknown label in --labels: one error line, before anything is written
+
     # [2] run identity and state; list into shards unless an earlier attempt finished the listing
     settings = row_affecting_settings(
         model_pinned=model.pinned,
@@ -688,6 +790,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         preprocess=preprocess,
         input_uri=input_uri,
         output_uri=cfg.output,
+        **({"tag_options": options.to_dict()} if options.to_dict() else {}),
     )
     run_id = cfg.run_id or default_run_id(settings)
     if cfg.incremental and cfg.run_id is None:
@@ -749,6 +852,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         backend=cfg.backend,
         precision=cfg.precision,
         run_id=run_id,
+        tag_options=options.to_json(),
     )
     summary = TagSummary(
         run_id=run_id,
@@ -762,13 +866,31 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         shards_skipped=len(skipped),
         max_error_rate=cfg.max_error_rate,
         incremental=cfg.incremental,
+        tag_options=options.to_json(),
+        drift_alert=cfg.drift_alert,
     )
     counts_dir = storage.join(run_dir(cfg.output, run_id), "counts")
+    report = RunReport(
+        output=cfg.output,
+        run_id=run_id,
+        labels=labels,
+        thresholds=list(thresholds.values),
+        allowed=options.allowed_mask(labels),
+        expectation=load_expectation(model.local_dir, labels),
+        enabled=cfg.report,
+    )
+    shard_keys = int(state.config.get("shard_size") or cfg.shard_size)
+    progress = ProgressLine(
+        "tagging",
+        sum(max(0, min(shard_keys, state.n_images - i * shard_keys)) for i in pending),
+        cfg.progress_every,
+    )
 
     # [3] tag pending shards, window by window
     t_tag = time.monotonic()
     if pending:
         init_ray()
+        quiet_ray_progress()
         resources = ray.cluster_resources()
         par = choose_parallelism(
             resources.get("CPU", 1),
@@ -802,6 +924,8 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             "batch_timeout_s": float(cfg.batch_timeout_s),
             "chaos_exit_once": os.environ.get(CHAOS_EXIT_ONCE_ENV) or None,
             "chaos_delay_s": float(os.environ.get(CHAOS_DELAY_ENV) or 0.0),
+            "options": options.to_dict(),
+            "sample_thumbnails": cfg.report,
         }
         window = max(1, WINDOW_KEYS // cfg.shard_size)
         for w in range(0, len(pending), window):
@@ -811,7 +935,17 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
                     raise RuntimeError(
                         f"{store.uri(shard.index)}: descriptor does not match the run's listing"
                     )
-            stats = _tag_window(cfg, shards, par, predictor_kwargs, writer, counts_dir, summary)
+            stats = _tag_window(
+                cfg,
+                shards,
+                par,
+                predictor_kwargs,
+                writer,
+                counts_dir,
+                summary,
+                report=report,
+                progress=progress,
+            )
             # Ray Data's per-operator timings (read tasks, Predictor actors, the driver's wait):
             # where a run's time went, kept beside its state for whoever tunes the job
             stats_uri = storage.join(
@@ -822,17 +956,26 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     wall_tag = time.monotonic() - t_tag
 
     # [5] totals over every shard of the run (earlier attempts included)
+    if pending and progress.done:
+        progress.log()  # the last progress line: where the run ended
     summary.images, summary.ok, summary.errors_by_code = 0, 0, {}
     errors: Counter = Counter()
+    totals = empty_totals(len(labels))
     for i, d in enumerate(digests):
         counts_uri = storage.join(counts_dir, f"shard-{i:06d}.json")
         try:
             data = json.loads(storage.read_text(counts_uri))
             rows, codes = int(data["rows"]), Counter(data["errors"])
+            label_stats = data.get("labels")
         except FileNotFoundError:  # committed, then killed before its counts were written
-            rows, codes = _shard_counts_from_file(writer.uri_for(i, d))
+            rows, codes, label_stats = 0, Counter(), None
+        if label_stats is None:  # that, or counts written before they held label stats
+            rows, codes, label_stats = _shard_counts_from_file(
+                writer.uri_for(i, d), labels, thresholds.values
+            )
         summary.images += rows
         errors.update(codes)
+        totals = merge_totals(totals, label_stats)
     summary.errors_by_code = dict(sorted(errors.items()))
     summary.ok = summary.images - sum(errors.values())
     summary.wall_s = round(time.monotonic() - t0, 3)
@@ -841,6 +984,22 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     if finished_before:
         summary.notice = _finished_run_notice(run_id, input_uri, store, len(digests), summary.images)
         log.warning("%s", summary.notice)
+    # [6] the report (files + MLflow run) and the drift check against the model's validation rates
+    drift, doc = report.finish(
+        json.loads(summary.to_json()),
+        totals,
+        drift_alert=cfg.drift_alert,
+        model_name=model.name,
+        model_version=model.version,
+        model_alias=model.alias,
+        n_shards=len(digests),
+        log_to_mlflow=cfg.mlflow,
+    )
+    summary.drift = [d.to_dict() for d in drift if d.status in ("moved", "too few")]
+    summary.drift_available = report.expectation is not None
+    if doc is not None:
+        summary.report = doc["index"]
+        summary.mlflow_run_id = doc["mlflow_run_id"]
     rdir = run_dir(cfg.output, run_id)
     storage.write_text(storage.join(rdir, "summary.json"), summary.to_json())
     if summary.error_rate_ok:
@@ -851,14 +1010,8 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         summary.errors,
         summary.images_per_s,
     )
-    if raise_on_error_rate and not summary.error_rate_ok:
-        first = ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items())
-        raise JobError(
-            f"{summary.errors} of {summary.images} images failed ({summary.error_rate:.2%} > "
-            f"--max-error-rate {cfg.max_error_rate:.2%}; {first}); rows are in {summary.output}, "
-            "look at the `error` column",
-            exit_code=EXIT_ERROR_RATE,
-        )
+    if raise_on_error_rate:
+        summary.raise_for_outcome()
     return summary
 
 
@@ -888,6 +1041,9 @@ def _tag_window(
     writer: TagTableWriter,
     counts_dir: str,
     summary: TagSummary,
+    *,
+    report: RunReport,
+    progress: ProgressLine,
 ) -> str:
     """[3]+[4] one Ray Dataset over a window of shards; commit each shard as soon as it is whole.
     Returns the dataset's execution stats (``Dataset.stats()``)."""
@@ -921,12 +1077,13 @@ def _tag_window(
     )
 
     def commit(buf: _ShardBuffer) -> None:
-        table = buf.table()
+        table = buf.table(keep_thumbs=True)
         uri = writer.commit(table, buf.shard.index, buf.shard.digest)
         codes = Counter(error_code(e) for e in table.column("error").to_pylist() if e)
+        label_stats = report.on_commit(table, buf.shard.index)
         storage.write_text(
             storage.join(counts_dir, f"shard-{buf.shard.index:06d}.json"),
-            json.dumps({"rows": table.num_rows, "errors": dict(codes), "file": uri}),
+            json.dumps({"rows": table.num_rows, "errors": dict(codes), "file": uri, "labels": label_stats}),
         )
         summary.images_this_attempt += table.num_rows
         del buffers[buf.shard.index]
@@ -940,7 +1097,8 @@ def _tag_window(
                 buf = buffers.get(int(index))
                 if buf is None:
                     continue  # already committed (a retried block after its shard was whole)
-                buf.add(part.filter(pa.array(shard_ids == index)))
+                added, failed = buf.add(part.filter(pa.array(shard_ids == index)))
+                progress.update(added, failed)
                 if buf.complete:
                     commit(buf)
     except actor_deaths as exc:  # a batch outlived PREDICTOR_MAX_TASK_RETRIES: isolate its images
@@ -1114,4 +1272,5 @@ def _error_rows(group: pa.Table, message: str, predictor_kwargs: dict) -> pa.Tab
         provenance=Provenance.from_dict(predictor_kwargs["provenance"]),
     )
     table = table.append_column(ROUTING_COLUMNS[0], group.column("_shard"))
-    return table.append_column(ROUTING_COLUMNS[1], group.column("_pos"))
+    table = table.append_column(ROUTING_COLUMNS[1], group.column("_pos"))
+    return table.append_column(THUMB_COLUMN, pa.nulls(n, pa.binary()))

@@ -16,6 +16,8 @@ model_alias            string                                          alias the
 thresholds_sha256      string                                          thresholds.json content hash
 backend                string                                          onnxruntime | ncnn
 precision              string                                          fp32 | int8
+tag_options            string                                          tag-time options, canonical JSON
+                                                                       (``{}`` = none; ``options.py``)
 width, height          int32                                           original size; null on error
 error                  string                                          "code: message"; null when tagged
 tagged_at              timestamp[us, tz=UTC]                           when the row was produced
@@ -70,6 +72,7 @@ TAG_TABLE_SCHEMA = pa.schema(
         pa.field("thresholds_sha256", pa.string()),
         pa.field("backend", pa.string()),
         pa.field("precision", pa.string()),
+        pa.field("tag_options", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("error", pa.string()),
@@ -87,7 +90,7 @@ ERROR_TIMEOUT = "timeout"
 
 
 class Provenance:
-    """The per-run constant columns: which model, thresholds, backend and run produced a row."""
+    """The per-run constant columns: which model, thresholds, backend, options and run produced a row."""
 
     __slots__ = (
         "model_name",
@@ -97,6 +100,7 @@ class Provenance:
         "backend",
         "precision",
         "run_id",
+        "tag_options",
     )
 
     def __init__(
@@ -109,6 +113,7 @@ class Provenance:
         backend: str,
         precision: str,
         run_id: str,
+        tag_options: str = "{}",
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
@@ -117,6 +122,7 @@ class Provenance:
         self.backend = backend
         self.precision = precision
         self.run_id = run_id
+        self.tag_options = tag_options  # TagOptions.to_json(): "{}" when no tag-time option was given
 
     def to_dict(self) -> dict[str, str | None]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -193,6 +199,7 @@ def tag_rows(
         "thresholds_sha256": const(prov.thresholds_sha256),
         "backend": const(prov.backend),
         "precision": const(prov.precision),
+        "tag_options": const(prov.tag_options),
         "width": pa.array([None if w is None else int(w) for w in widths], pa.int32()),
         "height": pa.array([None if h is None else int(h) for h in heights], pa.int32()),
         "error": pa.array(list(errors), pa.string()),

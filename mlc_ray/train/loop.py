@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from mlc_ray.progress import format_eta
+
 __all__ = ["train_loop_per_worker", "lr_factor", "STATE_FILE", "VAL_SCORES_FILE", "META_FILE"]
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,27 @@ def _write_heartbeat(directory: str | None, rank: int, **fields: Any) -> None:
     os.replace(tmp, path)
 
 
+def _drop_report_dumps() -> None:
+    """Drop Ray Train's INFO line per ``ray.train.report`` (a ``TrainingReport(checkpoint=...,
+    metrics={...})`` dump per epoch and worker). Its logger is named by the module's file path, not
+    ``ray.train.*``, so ``LoggingConfig(log_level=...)`` does not reach it (Ray 2.60); the same
+    metrics are in the loop's own epoch line, in MLflow and in each checkpoint."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to drop
+        return
+
+    class _NoReportDump(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (
+                record.levelno < logging.WARNING and "Reporting training result" in record.getMessage()
+            )
+
+    logger = logging.getLogger(train_context.__file__)
+    if not any(isinstance(f, _NoReportDump) or type(f).__name__ == "_NoReportDump" for f in logger.filters):
+        logger.addFilter(_NoReportDump())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The body of every Ray Train worker; ``config`` is built by ``runner._loop_config``.
 
@@ -132,6 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg: dict[str, Any] = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _drop_report_dumps()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
@@ -210,6 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     labels = list(config["labels"])
     bad_log = config.get("bad_image_log")
 
+    t_loop = time.perf_counter()
     for epoch in range(start_epoch, cfg["epochs"]):
         _write_heartbeat(config.get("heartbeat_dir"), rank, epoch=epoch, phase="train")
         t0 = time.perf_counter()
@@ -339,14 +364,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 ray.train.report(decision, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
             finally:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
+            # one line per epoch for people reading the job's log (ETA: this start's mean epoch time)
+            spent = time.perf_counter() - t_loop
+            eta = spent / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1)
             log.info(
-                "epoch %d/%d: train loss %.4f, val mAP %.4f, macro-F1@0.5 %.4f, %.1f images/s",
+                "epoch %d/%d: train loss %.4f, val mAP %.4f, macro-F1@0.5 %.4f, %.1f images/s, ETA %s",
                 epoch + 1,
                 cfg["epochs"],
                 train_loss,
                 decision["val_mAP"],
                 decision.get("val_macro_f1", float("nan")),
                 decision["train_images_per_s"],
+                format_eta(eta),
             )
         else:
             ray.train.report(decision, checkpoint=None)

@@ -233,16 +233,27 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     import mlflow
     import ray
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mlc_ray.bundle import LABELS, METRICS, MODEL_JSON, PREPROCESS, THRESHOLDS, WEIGHTS, ModelBundle
+    from mlc_ray.bundle import (
+        LABEL_RATES,
+        LABELS,
+        METRICS,
+        MODEL_JSON,
+        PREPROCESS,
+        THRESHOLDS,
+        WEIGHTS,
+        ModelBundle,
+    )
     from mlc_ray.calibrate import cross_fit_thresholds
     from mlc_ray.cli import JobError, init_ray
     from mlc_ray.config import config_to_yaml
     from mlc_ray.data.demo import ensure_demo_data
     from mlc_ray.data.manifest import label_statistics
     from mlc_ray.models import build_tagger, model_spec
+    from mlc_ray.progress import quiet_ray_progress
+    from mlc_ray.tagging.report import expected_label_rates
     from mlc_ray.train import tracking
     from mlc_ray.train.data import BadImageLog, ValShardingConfig, build_dataset, load_train_val
     from mlc_ray.train.fingerprint import check_run_fingerprint, run_fingerprint
@@ -274,6 +285,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     train_targets, val_targets_all = data.train_targets, data.val_targets
 
     init_ray()
+    quiet_ray_progress()  # before the datasets exist: their split coordinator copies this context
     bad_log = BadImageLog()
     datasets = {
         "train": build_dataset(
@@ -337,6 +349,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                     checkpoint_score_order="max",
                 ),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                # Ray Train's own INFO lines (a TrainingReport dump per epoch, checkpoint paths) go to
+                # the log files Ray keeps (its system logs hold every level); the console gets the
+                # loop's one line per epoch
+                logging_config=LoggingConfig(log_level="WARNING"),
                 **_storage_args(cfg.storage_path),
             ),
             datasets=datasets,
@@ -410,6 +426,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                     f"{n_val} validation rows scored with 10 crops (evaluation only; tagging scores one view)"
                 )
             (bundle / THRESHOLDS).write_text(thresholds.to_json())
+            # what tagging's drift check compares each run with (mlc_ray.tagging.report)
+            rates = expected_label_rates(val_scores, thresholds.values, labels)
+            (bundle / LABEL_RATES).write_text(json.dumps(rates, indent=2) + "\n")
             metrics_doc = {
                 "calibrated": jsonable_metrics(mcal, labels),
                 "at_0.5": jsonable_metrics(m05, labels),

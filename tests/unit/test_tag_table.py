@@ -42,6 +42,7 @@ def test_schema_is_exactly_the_documented_one() -> None:
         ("thresholds_sha256", pa.string()),
         ("backend", pa.string()),
         ("precision", pa.string()),
+        ("tag_options", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("error", pa.string()),
