@@ -87,6 +87,7 @@ PYFUNC_KEYS: dict[str, str] = {
     PREPROCESS: "preprocess",
     THRESHOLDS: "thresholds",
     METRICS: "metrics",
+    LABEL_RATES: "label_rates",
     ONNX: "onnx",
     ONNX_INT8: "int8",
     NCNN_PARAM: "ncnn_param",
