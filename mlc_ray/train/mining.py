@@ -591,6 +591,9 @@ def run_mining_pipeline(cfg: Any) -> Any:
             n_combinations=mcfg.report_combinations,
         )
         fine.mining_report = report
+        # the fine-tuned model has seen the whole training split (in its base stage), not only the
+        # mined rows: that is the list promotion must keep out of its evaluation data
+        fine.train_manifest = train
         text = report.to_markdown()
         log.info("hard-sample mining, base vs fine-tuned on the validation split:\n%s", text)
         mlflow.log_text(text, "mining/mining_report.md")
