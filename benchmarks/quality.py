@@ -121,7 +121,9 @@ def build_dataset(folder: Path, train_images: int) -> dict[str, tuple[np.ndarray
 # ---- the plain loop -------------------------------------------------------------------------------
 
 
-def plain_loop(data: dict, *, epochs: int, seed: int, threads: int) -> dict[str, float]:
+def plain_loop(
+    data: dict, *, epochs: int, seed: int, threads: int, schedule: str = "constant"
+) -> dict[str, float]:
     """torchvision MobileNetV3-small, AdamW 3e-3, batch 64, BCE, +-2 px shifts; test F1 at 0.5."""
     import torch
     from torchvision.models import mobilenet_v3_small
@@ -145,6 +147,16 @@ def plain_loop(data: dict, *, epochs: int, seed: int, threads: int) -> dict[str,
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     padded = np.pad(x_train, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    steps = epochs * -(-len(x_train) // 64)
+    if schedule == "cosine":  # the project's: 1 epoch linear warm-up, then cosine to 0 (an ablation)
+        from mlc_ray.train.loop import lr_factor
+
+        warmup = -(-len(x_train) // 64)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: lr_factor(k, total_steps=steps, warmup_steps=warmup)
+        )
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
     for _ in range(epochs):
         model.train()
         order = rng.permutation(len(x_train))
@@ -156,6 +168,7 @@ def plain_loop(data: dict, *, epochs: int, seed: int, threads: int) -> dict[str,
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     model.eval()
 
     def score(x: np.ndarray) -> np.ndarray:
@@ -242,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="extra", action="append", default=[], help="jobs/train.py --set KEY=VALUE"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the plain loop")
+    parser.add_argument(
+        "--plain-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="plain loop's lr (ablation)",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -251,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "seeds": args.seeds,
         "project_overrides": args.extra,
+        "plain_schedule": args.plain_schedule,
         "runs": {arm: [] for arm in args.arms},
     }
     with tempfile.TemporaryDirectory(prefix="mlc_ray-quality-") as tmp:
@@ -261,7 +281,13 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms:
                 t = time.perf_counter()
                 if arm == "plain":
-                    run = plain_loop(data, epochs=args.epochs, seed=seed, threads=args.threads)
+                    run = plain_loop(
+                        data,
+                        epochs=args.epochs,
+                        seed=seed,
+                        threads=args.threads,
+                        schedule=args.plain_schedule,
+                    )
                 else:
                     run = project_run(data, work, epochs=args.epochs, seed=seed, extra=args.extra)
                 run.update(seed=seed, seconds=round(time.perf_counter() - t, 1))
