@@ -90,7 +90,7 @@ class TrainResult:
         if self.mining_report is not None:
             lines += [
                 "",
-                "hard-sample mining, base vs fine-tuned (validation):",
+                "hard-sample mining, base vs mined vs random fine-tune (held-out rows):",
                 self.mining_report.to_markdown(),
             ]
         lines += [
