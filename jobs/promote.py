@@ -2,11 +2,14 @@
 
     python jobs/promote.py --name NAME [--eval-data MANIFEST] [--candidate challenger|VERSION]
         [--metric macro_f1] [--min-delta 0.0] [--max-label-drop 0.03] [--split auto] [--dry-run]
+        [--allow-train-overlap]
     python jobs/promote.py --name NAME --rollback
 
 Candidate and champion are evaluated on the same data, each at its own calibrated thresholds.
-Without --eval-data the candidate's training manifest (its `manifest_uri` tag) is used, and with
---split auto only its `val` rows when it has a split column (the demo model's val split).
+Without --eval-data the candidate's recorded evaluation data is used (its `eval_data_uri` tag:
+the --val-data manifest it was trained with, or its split's val rows). Evaluation data containing
+any of the candidate's training images (same URI or same bytes) is refused with the count, unless
+--allow-train-overlap (the report then says the comparison is not held out).
 Exit codes: 0 promoted (or rolled back, or already champion), 3 the gate refused, 4 an artifact
 does not match its sha256 tag, 2 a user error (unknown model/alias, bad manifest), 1 a bug.
 """
@@ -25,7 +28,10 @@ log = logging.getLogger("mlc_ray.jobs.promote")
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="registered model name")
-    parser.add_argument("--eval-data", help="labelled manifest both versions are scored on")
+    parser.add_argument(
+        "--eval-data",
+        help="labelled manifest both versions are scored on (default: the candidate's recorded val data)",
+    )
     parser.add_argument(
         "--candidate", default=CHALLENGER, help="version number or alias (default: challenger)"
     )
@@ -41,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "all", "val", "test", "train"],
         help="manifest rows to use: auto (val rows if split column), all, val, test",
+    )
+    parser.add_argument(
+        "--allow-train-overlap",
+        action="store_true",
+        help="evaluate even if --eval-data contains the candidate's training images (reported)",
     )
     parser.add_argument("--dry-run", action="store_true", help="evaluate and report; change nothing")
     parser.add_argument("--rollback", action="store_true", help="make previous-champion the champion again")
@@ -83,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 split=args.split,
                 dry_run=args.dry_run,
                 cache_dir=args.cache_dir,
+                allow_train_overlap=args.allow_train_overlap,
             )
         print(decision.report())
         return decision.exit_code

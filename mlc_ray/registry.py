@@ -6,11 +6,16 @@ bundle's files, with tags that make it auditable and verifiable:
 
 * ``sha256.<file>`` for every bundle file (``resolve_model`` refuses a download that differs);
 * ``training_run_id``, ``manifest_sha256``/``manifest_uri`` (when training passes them),
-  ``command_line``, ``git_commit``, ``metric.<name>`` for the scalar validation metrics.
+  ``command_line``, ``git_commit``, ``metric.<name>`` for the scalar validation metrics;
+* the held-out evidence (``TrainingEvidence``): ``eval_data_uri`` (the ``--val-data`` manifest, or
+  the seeded split's val rows logged as ``evidence/val_manifest.csv``), ``eval_data_sha256``, and
+  ``train_images_uri`` (``evidence/train_images.csv``: URI + sha256 of every training image).
 
 A new version gets alias ``challenger``; ``promote`` moves ``champion`` (and keeps
 ``previous-champion``) only when the candidate beats the champion on the same evaluation data,
 each at its own thresholds, and writes ``promotion.*`` audit tags on both versions either way.
+The evaluation data defaults to the candidate's ``eval_data_uri``; evaluation data that contains
+the candidate's training images (same URI or same bytes) is refused unless explicitly allowed.
 Jobs resolve an alias to a concrete version once, at start (``resolve_model``), and use that
 version for the whole run.
 """
@@ -50,6 +55,7 @@ __all__ = [
     "ModelNotFoundError",
     "PromotionDecision",
     "ResolvedModel",
+    "TrainingEvidence",
     "default_cache_dir",
     "parse_model_uri",
     "promote",
@@ -81,6 +87,10 @@ SHA_TAG_PREFIX = "sha256."
 MODEL_ARTIFACT_SUBDIR = "artifacts"  # where pyfunc puts `artifacts=` files inside the logged model
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_EXPERIMENT = "mlc_ray-registry"
+EVIDENCE_DIR = "evidence"  # run artifact folder of the evaluation data and the training-image list
+EVAL_DATA_TAG = "eval_data_uri"
+EVAL_DATA_SHA_TAG = "eval_data_sha256"
+TRAIN_IMAGES_TAG = "train_images_uri"
 MAX_TAG_VALUE = 5000  # MLflow's limit on a model version tag value
 
 
@@ -260,6 +270,62 @@ def _run_for(run_id: str | None, name: str) -> Iterator[tuple[Any, bool]]:
         yield run, True
 
 
+@dataclass(frozen=True)
+class TrainingEvidence:
+    """What a version was trained and validated on, so promotion can judge it on held-out data.
+
+    ``val_data_uri``: the validation manifest the user gave (``--val-data``), recorded as is;
+    without it ``val_manifest`` (the split's val rows) is logged as a run artifact. ``train_manifest``:
+    the training images; each one's sha256 is logged so promotion can find them under other names.
+    """
+
+    val_manifest: Any = None  # mlc_ray.data.manifest.Manifest
+    val_data_uri: str | None = None
+    train_manifest: Any = None
+
+
+def _hash_images(uris: list[str]) -> list[str]:
+    """sha256 of each image's bytes ('' for one that cannot be read), read 8 at a time."""
+    from mlc_ray.evaluation import _read_all
+
+    return [hashlib.sha256(data).hexdigest() if data is not None else "" for data in _read_all(uris)]
+
+
+def _log_evidence(evidence: TrainingEvidence, run_id: str, tmp: Path) -> dict[str, str]:
+    """Log the evidence files into the active run ``run_id``; return the version tags naming them."""
+    import csv
+
+    import mlflow
+
+    from mlc_ray import storage
+
+    tags: dict[str, str] = {}
+    base = f"runs:/{run_id}/{EVIDENCE_DIR}"
+    if evidence.val_data_uri:
+        uri = str(evidence.val_data_uri)
+        if not storage.is_s3(uri) and "://" not in uri:
+            uri = os.path.abspath(os.path.expanduser(uri))  # promotion may run from another folder
+        tags[EVAL_DATA_TAG] = uri
+    elif evidence.val_manifest is not None and len(evidence.val_manifest):
+        path = tmp / "val_manifest.csv"  # labels.txt beside it keeps the vocabulary order
+        evidence.val_manifest.write(str(path))
+        mlflow.log_artifact(str(path), artifact_path=EVIDENCE_DIR)
+        mlflow.log_artifact(str(tmp / "labels.txt"), artifact_path=EVIDENCE_DIR)
+        tags[EVAL_DATA_TAG] = f"{base}/val_manifest.csv"
+    if evidence.val_manifest is not None:
+        tags[EVAL_DATA_SHA_TAG] = evidence.val_manifest.sha256
+    if evidence.train_manifest is not None and len(evidence.train_manifest):
+        images = list(evidence.train_manifest.images)
+        path = tmp / "train_images.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["image", "sha256"])
+            writer.writerows(zip(images, _hash_images(images), strict=True))
+        mlflow.log_artifact(str(path), artifact_path=EVIDENCE_DIR)
+        tags[TRAIN_IMAGES_TAG] = f"{base}/train_images.csv"
+    return tags
+
+
 def register_bundle(
     bundle_dir: str | os.PathLike[str],
     name: str,
@@ -268,12 +334,14 @@ def register_bundle(
     tags: Mapping[str, Any] | None = None,
     command_line: str | None = None,
     alias: str | None = CHALLENGER,
+    evidence: TrainingEvidence | None = None,
 ) -> Any:
     """Log the bundle as a pyfunc model, register it as a new version of ``name``, tag it, alias it.
 
     ``run_id`` is the training run (the model is logged into it); without it a ``register-NAME``
     run is created. ``tags`` are added to the version (training passes ``manifest_sha256`` and
-    ``manifest_uri``); ``command_line`` defaults to this process's argv. Returns the
+    ``manifest_uri``); ``command_line`` defaults to this process's argv. ``evidence`` (training
+    passes it) logs the evaluation data and the training-image list that promotion uses. Returns the
     ``mlflow.entities.model_registry.ModelVersion`` (with its tags).
     """
     import mlflow
@@ -312,6 +380,9 @@ def register_bundle(
                     mlflow.log_artifact(str(local / fname), artifact_path="bundle")
             if new_run and scalar_metrics:
                 mlflow.log_metrics(scalar_metrics)
+            if evidence is not None:
+                with tempfile.TemporaryDirectory(prefix="mlc_ray-evidence-") as evidence_tmp:
+                    version_tags.update(_log_evidence(evidence, run.info.run_id, Path(evidence_tmp)))
             mlflow.set_tags({"mlc_ray.registered_model": name, "mlc_ray.bundle_uri": bundle_dir})
             with warnings.catch_warnings():
                 # predict() has no type hints on purpose (see pyfunc_model.py); MLflow nags about it.
@@ -595,6 +666,7 @@ class PromotionDecision:
     eval_data: str | None = None
     n_images: int = 0
     n_errors: int = 0
+    train_overlap: str = ""  # how many eval images the candidate was trained on, and how that was checked
     dry_run: bool = False
     at: str = field(default_factory=_now_utc)
     _event_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6], repr=False)
@@ -616,6 +688,8 @@ class PromotionDecision:
                 lines.append(
                     f"eval data  {self.eval_data}: {self.n_images} images, {self.n_errors} unreadable"
                 )
+            if self.train_overlap:
+                lines.append(f"held out   {self.train_overlap}")
             if self.candidate_value is not None:
                 cand = f"{self.candidate_value:.4f}"
                 champ_v = "-" if self.champion_value is None else f"{self.champion_value:.4f}"
@@ -656,6 +730,8 @@ class PromotionDecision:
             tags["promotion.champion_value"] = f"{self.champion_value:.6f}"
         if self.eval_data:
             tags["promotion.eval_data"] = self.eval_data
+        if self.train_overlap:
+            tags["promotion.train_overlap"] = self.train_overlap
         # One history entry per event, so earlier decisions are not overwritten by later ones.
         history_key = f"promotion.log.{self.at.replace(':', '').replace('-', '')}.{self._event_id}"
         tags[history_key] = json.dumps(
@@ -671,6 +747,64 @@ def _write_audit(decision: PromotionDecision, roles: Mapping[str, str | None]) -
             continue
         for key, value in decision.audit_tags(role).items():
             client.set_model_version_tag(decision.name, version, key, _clip(value))
+
+
+def _fetch_evidence_file(uri: str, dst: Path) -> str:
+    """A ``runs:/RUN/evidence/FILE`` artifact downloaded into ``dst`` (any other URI is returned as is)."""
+    import mlflow
+
+    if not uri.startswith("runs:/"):
+        return uri
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    except (MlflowException, OSError) as exc:
+        raise UserError(f"cannot download {uri} from {mlflow.get_tracking_uri()}: {exc}") from exc
+
+
+def _load_eval_manifest(uri: str) -> Any:
+    """The evaluation manifest at ``uri``; a ``runs:/`` one comes with its labels.txt."""
+    from mlc_ray.data.manifest import load_manifest
+
+    if not uri.startswith("runs:/"):
+        return load_manifest(uri)
+    with tempfile.TemporaryDirectory(prefix="mlc_ray-eval-data-") as tmp:
+        local = _fetch_evidence_file(uri, Path(tmp))
+        labels = _fetch_evidence_file(uri.rsplit("/", 1)[0] + "/labels.txt", Path(tmp))
+        return load_manifest(local, labels_uri=labels)
+
+
+@dataclass(frozen=True)
+class _Overlap:
+    checked: bool  # False: the version records no training-image list
+    by_uri: int = 0
+    by_content: int = 0  # same bytes under another URI
+
+    @property
+    def count(self) -> int:
+        return self.by_uri + self.by_content
+
+
+def _training_overlap(tags: Mapping[str, str], manifest: Any, images: list[bytes | None]) -> _Overlap:
+    """How many evaluation images are the candidate's training images, by URI or by sha256 of the bytes."""
+    import csv
+
+    uri = tags.get(TRAIN_IMAGES_TAG)
+    if not uri:
+        return _Overlap(checked=False)
+    with (
+        tempfile.TemporaryDirectory(prefix="mlc_ray-train-images-") as tmp,
+        open(_fetch_evidence_file(uri, Path(tmp)), newline="") as handle,
+    ):
+        rows = list(csv.DictReader(handle))
+    train_uris = {r["image"] for r in rows}
+    train_shas = {r["sha256"] for r in rows if r.get("sha256")}
+    by_uri = by_content = 0
+    for image, data in zip(manifest.images, images, strict=True):
+        if image in train_uris:
+            by_uri += 1
+        elif data is not None and hashlib.sha256(data).hexdigest() in train_shas:
+            by_content += 1
+    return _Overlap(checked=True, by_uri=by_uri, by_content=by_content)
 
 
 def _select_eval_rows(manifest: Any, split: str) -> Any:
@@ -702,6 +836,7 @@ def promote(
     dry_run: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
+    allow_train_overlap: bool = False,
 ) -> PromotionDecision:
     """Evaluate ``candidate`` (a version number or an alias) and the champion on the same data.
 
@@ -710,9 +845,13 @@ def promote(
     alias ``previous-champion`` and ``challenger`` is removed from the promoted version. Both
     versions get ``promotion.*`` audit tags (not under ``dry_run``). A version whose artifacts
     do not match their sha256 tags raises ``ArtifactIntegrityError`` (the refusal is tagged too).
-    ``eval_data`` defaults to the candidate's training manifest (tag ``manifest_uri``).
+    ``eval_data`` defaults to the candidate's recorded evaluation data (tag ``eval_data_uri``: its
+    ``--val-data`` manifest or its split's val rows); a version registered without one falls back
+    to the val rows of its training manifest (tag ``manifest_uri``), which must then have a split
+    column. Evaluation data holding any of the candidate's training images (same URI or same
+    bytes, tag ``train_images_uri``) is a ``UserError`` naming the count, unless
+    ``allow_train_overlap``; the decision's report and audit tags then say so.
     """
-    from mlc_ray.data.manifest import load_manifest
     from mlc_ray.evaluation import _read_all, evaluate_bundle
 
     cand_mv = _get_version(
@@ -738,14 +877,43 @@ def promote(
         decision.promoted = True
         return decision
 
-    eval_uri = eval_data or (cand_mv.tags or {}).get("manifest_uri")
+    cand_tags = {str(k): str(v) for k, v in (cand_mv.tags or {}).items()}
+    eval_uri = eval_data or cand_tags.get(EVAL_DATA_TAG) or cand_tags.get("manifest_uri")
     if not eval_uri:
         raise UserError(
-            f"no --eval-data given and {name} v{cand_version} has no 'manifest_uri' tag; "
-            "pass --eval-data MANIFEST (the same data for both versions)"
+            f"no --eval-data given and {name} v{cand_version} records no evaluation data "
+            f"('{EVAL_DATA_TAG}' tag); pass --eval-data MANIFEST held out from its training"
         )
-    manifest = _select_eval_rows(load_manifest(eval_uri), split)
+    full = _load_eval_manifest(eval_uri)
+    if not eval_data and EVAL_DATA_TAG not in cand_tags and split == "auto" and not full.has_splits:
+        raise UserError(
+            f"{name} v{cand_version} records no evaluation data and its training manifest {eval_uri} has "
+            "no split column, so any of its rows may be a training image; pass --eval-data MANIFEST "
+            "held out from its training"
+        )
+    manifest = _select_eval_rows(full, split)
     decision.eval_data = f"{eval_uri} [{split}]"
+    images = _read_all(manifest.images)
+    overlap = _training_overlap(cand_tags, manifest, images)
+    if not overlap.checked:
+        decision.train_overlap = f"not checked: v{cand_version} records no training-image list"
+    elif overlap.count == 0:
+        decision.train_overlap = (
+            f"0 of {len(manifest)} evaluation images are training images of v{cand_version} "
+            "(checked by URI and sha256)"
+        )
+    else:
+        counted = (
+            f"{overlap.count} of {len(manifest)} evaluation images are training images of "
+            f"v{cand_version} ({overlap.by_uri} same URI, {overlap.by_content} same content)"
+        )
+        if not allow_train_overlap:
+            raise UserError(
+                f"evaluation data {eval_uri} [{split}]: {counted}; promote on data held out from training "
+                "(the version's own: leave out --eval-data), or pass --allow-train-overlap"
+            )
+        decision.train_overlap = f"{counted}; allowed by --allow-train-overlap: NOT a held-out comparison"
+        log.warning("promotion on evaluation data that overlaps training: %s", counted)
 
     with tempfile.TemporaryDirectory(prefix="mlc_ray-promote-") as tmp:
         # A fresh download (not the shared cache) so what is verified is what the registry holds now.
@@ -760,7 +928,6 @@ def promote(
             if not dry_run:
                 _write_audit(decision, {"candidate": cand_version, "champion": champ_version})
             raise
-        images = _read_all(manifest.images)
         cand_eval = evaluate_bundle(cand.local_dir, manifest, batch_size=batch_size, images=images)
         decision.candidate_value = cand_eval.metric(metric)
         decision.n_images, decision.n_errors = cand_eval.n_images, cand_eval.n_errors

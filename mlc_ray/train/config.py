@@ -105,6 +105,9 @@ class TrainConfig:
     ema_decay: float = 0.998  # EMA decay per optimiser step
     label_smoothing: float = 0.0  # seed 000: targets become y*(1-e) + e/num_labels
     loss: str = "bce"  # "bce" (BCE with logits) or "asl" (asymmetric loss)
+    asl_gamma_neg: float = 4.0  # ASL focusing exponent for negatives (loss=asl only)
+    asl_gamma_pos: float = 0.0  # ASL focusing exponent for positives (loss=asl only)
+    asl_clip: float = 0.05  # ASL probability shift for negatives, in [0, 1) (loss=asl only)
     pos_weight: bool = False  # up-weight rare labels' positives by negatives/positives (clipped at 10)
     seed: int = 0  # model init, data split, augmentation
     # training augmentation (seed 002's, incl. hflip 0.5: set augment.hflip=0 for text, digits or
@@ -185,6 +188,12 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.asl_gamma_neg < 0 or self.asl_gamma_pos < 0:
+            raise ValueError(
+                f"asl_gamma_neg and asl_gamma_pos must be >= 0, got {self.asl_gamma_neg}, {self.asl_gamma_pos}"
+            )
+        if not 0 <= self.asl_clip < 1:
+            raise ValueError(f"asl_clip must be in [0, 1), got {self.asl_clip}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_epochs <= self.epochs:  # equal: the whole (short) run is warm-up

@@ -196,7 +196,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         num_labels=len(config["labels"]),
         label_smoothing=cfg["label_smoothing"],
         pos_weight=None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32),
+        gamma_neg=cfg.get("asl_gamma_neg", 4.0),
+        gamma_pos=cfg.get("asl_gamma_pos", 0.0),
+        clip=cfg.get("asl_clip", 0.05),
     ).to(device)
+    log.info("loss: %r", criterion)
     amp_dtype = amp_dtype_for(device.type, bool(cfg["amp"]))  # bf16 / fp16 on GPU, None (fp32) on CPU
     scaler = make_grad_scaler(device.type, amp_dtype)
 
@@ -358,7 +362,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             np.savez(
                 Path(ckpt_dir) / VAL_SCORES_FILE, index=val_index, scores=val_scores, targets=val_targets
             )
-            meta = {"epoch": epoch, "metrics": decision, "starts": starts, "images_seen": images_seen}
+            meta = {
+                "epoch": epoch,
+                "metrics": decision,
+                "starts": starts,
+                "images_seen": images_seen,
+                "loss": repr(criterion),  # the loss as built, settings included
+                "lr": scheduler.get_last_lr()[0],  # after this epoch's last step
+            }
             (Path(ckpt_dir) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             try:
                 ray.train.report(decision, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))

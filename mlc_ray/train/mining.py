@@ -3,7 +3,7 @@
 Seed 000's recipe for an under-represented label combination (its cat+dog images went from 20% to
 80% accuracy): train a base model on everything, score every training image with it, keep the hard
 samples of each category by confidence, and fine-tune from the base model on that set. Here it is
-one job, ``run_mining_pipeline(cfg)``, with one parent MLflow run and three nested runs:
+one job, ``run_mining_pipeline(cfg)``, with one parent MLflow run and nested runs per stage:
 
   (a) ``base``      ``run_training`` on the configured data with mining off;
   (b) ``score``     the base bundle scores the whole training split (``score_manifest``, a Ray Data
@@ -12,8 +12,16 @@ one job, ``run_mining_pipeline(cfg)``, with one parent MLflow run and three nest
                     written as a manifest artifact with the reason each sample was picked; training
                     resumes from the base weights on it and is validated on the *same* validation split.
 
-A before/after report (per-label F1 and AP, accuracy of the rarest label combinations) closes the
-parent run, as a table in the log and as ``mining_report.md`` / ``mining_report.csv`` artifacts.
+  (d) ``control``   the same fine-tune (same base weights, size, epochs, lr: the same number of
+                    steps) on a seeded *random* subset of the training split of the mined set's size:
+                    what fine-tuning alone buys, without the mining.
+
+Whether mining helped is read on held-out rows no stage saw: ``holdout_fraction`` of the validation
+split is set aside at [0] (every stage validates, picks its checkpoint and fits its thresholds on
+the rest). The report (per-label F1 and AP, exact-match accuracy of the rarest label combinations
+and pairs) compares base, mined fine-tune and random fine-tune there, each model at its own
+calibrated thresholds; it closes the parent run as a table in the log and as
+``mining_report.md`` / ``mining_report.csv`` artifacts.
 
 Selection rules (``MiningConfig``; each picked sample records every rule that picked it):
 
@@ -80,6 +88,8 @@ class MiningConfig:
     score_batch_size: int = 64  # stage (b) batch size
     tta: str = "none"  # stage (b) test-time augmentation: "none" or "10crop"
     report_combinations: int = 5  # how many of the rarest label combinations the report lists
+    control: bool = True  # also fine-tune on a random subset of the mined set's size (the control)
+    holdout_fraction: float = 0.5  # share of the val split held out for the report (no stage sees it)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("top_k", "band"):
@@ -109,6 +119,8 @@ class MiningConfig:
             raise ValueError(f"mining.score_batch_size must be >= 1, got {self.score_batch_size}")
         if self.tta not in ("none", "10crop"):
             raise ValueError(f"mining.tta must be 'none' or '10crop', got '{self.tta}'")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"mining.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.report_combinations < 1:
             raise ValueError(f"mining.report_combinations must be >= 1, got {self.report_combinations}")
 
@@ -300,8 +312,14 @@ class MiningReport:
     # the rarest co-occurring label pairs (samples holding both, whatever else they hold: seed 000's
     # "cat_dog"): pair, count, acc_base, acc_fine_tuned (exact match on those samples)
     pair_rows: list[dict[str, Any]] = field(default_factory=list)
+    # the control (random subset, same steps): rows then also hold f1_control/ap_control/acc_control
+    has_control: bool = False
+    data_note: str = ""  # which rows the report was measured on
 
     def to_markdown(self) -> str:
+        if self.has_control:
+            return self._control_markdown()
+
         def fmt(v: Any) -> str:
             if isinstance(v, float):
                 return "n/a" if not np.isfinite(v) else f"{v:.4f}"
@@ -346,7 +364,65 @@ class MiningReport:
                 )
         return "\n".join(out) + "\n"
 
+    def _control_markdown(self) -> str:
+        def fmt(v: Any) -> str:
+            return "n/a" if not np.isfinite(v) else f"{v:.4f}"
+
+        def delta(a: float, b: float) -> str:
+            return "n/a" if not (np.isfinite(a) and np.isfinite(b)) else f"{a - b:+.4f}"
+
+        out = [
+            f"{self.data_note}Predictions at {self.threshold_note}. `mined` = base fine-tuned on the mined "
+            "set; `random` = base fine-tuned for the same steps on a random subset of the same size.",
+            "",
+            "| label | positives | F1 base | F1 mined | F1 random | mined − random "
+            "| AP base | AP mined | AP random | mined − random |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.label_rows:
+            out.append(
+                f"| {r['label']} | {r['support']} | {fmt(r['f1_base'])} | {fmt(r['f1_fine_tuned'])} | "
+                f"{fmt(r['f1_control'])} | {delta(r['f1_fine_tuned'], r['f1_control'])} | {fmt(r['ap_base'])} | "
+                f"{fmt(r['ap_fine_tuned'])} | {fmt(r['ap_control'])} | {delta(r['ap_fine_tuned'], r['ap_control'])} |"
+            )
+        for title, rows, key in (
+            ("label combination (rarest first)", self.combination_rows, "combination"),
+            ("label pair (rarest co-occurrence first)", self.pair_rows, "pair"),
+        ):
+            if not rows:
+                continue
+            out += [
+                "",
+                f"| {title} | samples | exact-match base | mined | random | mined − random |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for r in rows:
+                out.append(
+                    f"| {r[key]} | {r['count']} | {fmt(r['acc_base'])} | {fmt(r['acc_fine_tuned'])} | "
+                    f"{fmt(r['acc_control'])} | {delta(r['acc_fine_tuned'], r['acc_control'])} |"
+                )
+        return "\n".join(out) + "\n"
+
     def to_csv(self) -> str:
+        if self.has_control:
+            lines = [
+                "kind,name,count,base_f1_or_acc,mined_f1_or_acc,random_f1_or_acc,base_ap,mined_ap,random_ap"
+            ]
+            for r in self.label_rows:
+                lines.append(
+                    f"label,{_csv_cell(r['label'])},{r['support']},{r['f1_base']:.6f},{r['f1_fine_tuned']:.6f},"
+                    f"{r['f1_control']:.6f},{r['ap_base']:.6f},{r['ap_fine_tuned']:.6f},{r['ap_control']:.6f}"
+                )
+            for kind, rows, key in (
+                ("combination", self.combination_rows, "combination"),
+                ("pair", self.pair_rows, "pair"),
+            ):
+                for r in rows:
+                    lines.append(
+                        f"{kind},{_csv_cell(r[key])},{r['count']},{r['acc_base']:.6f},{r['acc_fine_tuned']:.6f},"
+                        f"{r['acc_control']:.6f},,,"
+                    )
+            return "\n".join(lines) + "\n"
         lines = ["kind,name,count,base_f1_or_acc,fine_tuned_f1_or_acc,base_ap,fine_tuned_ap"]
         for r in self.label_rows:
             lines.append(
@@ -398,8 +474,12 @@ def mining_report(
     thresholds: Any = 0.5,
     fine_tuned_thresholds: Any = None,
     n_combinations: int = 5,
+    control_scores: np.ndarray | None = None,
+    control_thresholds: Any = None,
+    data_note: str = "",
 ) -> MiningReport:
-    """Compare two models' scores on the same validation targets (rows aligned)."""
+    """Compare two models' scores on the same targets (rows aligned); with ``control_scores`` a
+    third (the random-subset fine-tune, at ``control_thresholds``) fills the ``*_control`` columns."""
     from sklearn.metrics import average_precision_score, f1_score
 
     labels = [str(x) for x in labels]
@@ -465,7 +545,35 @@ def mining_report(
         }
         for n, key, m in pairs[:n_combinations]
     ]
-    return MiningReport(threshold_note=note, label_rows=rows, combination_rows=combos, pair_rows=pair_rows)
+    report = MiningReport(
+        threshold_note=note,
+        label_rows=rows,
+        combination_rows=combos,
+        pair_rows=pair_rows,
+        data_note=data_note,
+    )
+    if control_scores is None:
+        return report
+    control_scores = np.asarray(control_scores)
+    th_c = _threshold_array(thresholds if control_thresholds is None else control_thresholds, n_labels)
+    pred_c = control_scores >= th_c[None, :]
+    if pred_c.shape != targets.shape:
+        raise ValueError(f"mining report: targets {targets.shape}, control {pred_c.shape} differ")
+    f1_c = f1_score(targets, pred_c, average=None, zero_division=0)
+    for j, r in enumerate(rows):
+        r["f1_control"] = float(f1_c[j])
+        has_pos = targets[:, j].any()
+        r["ap_control"] = (
+            float(average_precision_score(targets[:, j], control_scores[:, j])) if has_pos else float("nan")
+        )
+    acc_c = _exact_match_by_combination(pred_c, targets, keys)
+    for r in combos:
+        r["acc_control"] = acc_c[r["combination"]]
+    exact_c = (pred_c == targets.astype(bool)).all(axis=1)
+    for (_, _, m), r in zip(pairs[:n_combinations], pair_rows, strict=True):
+        r["acc_control"] = float(exact_c[m].mean())
+    report.has_control = True
+    return report
 
 
 # ---- the three-stage pipeline ----------------------------------------------------------------------
@@ -500,6 +608,7 @@ def run_mining_pipeline(cfg: Any) -> Any:
     from mlc_ray import storage
     from mlc_ray.calibrate import Thresholds
     from mlc_ray.data.demo import ensure_demo_data
+    from mlc_ray.data.manifest import split_train_val
     from mlc_ray.train.data import load_train_val
     from mlc_ray.train.scoring import score_manifest
 
@@ -511,9 +620,17 @@ def run_mining_pipeline(cfg: Any) -> Any:
     split = load_train_val(
         data_uri, val_data=cfg.val_data, labels=cfg.labels, val_fraction=cfg.val_fraction, seed=cfg.seed
     )
-    train, val, vocabulary = split.train, split.val, list(split.vocabulary)
+    train, val_all, vocabulary = split.train, split.val, list(split.vocabulary)
+    # the report's held-out rows: no stage trains on them, picks a checkpoint or fits a threshold on them
+    val, holdout = split_train_val(
+        dataclasses.replace(val_all, splits=[None] * len(val_all)),
+        val_fraction=mcfg.holdout_fraction,
+        seed=cfg.seed,
+    )
     split_uri = storage.join(work, "split_manifest.csv")
     _write_split_manifest(train, val, split_uri, vocabulary=vocabulary)
+    holdout_uri = storage.join(work, "holdout_manifest.csv")
+    holdout.write(holdout_uri, write_labels_file=False)
 
     experiment = getattr(cfg, "experiment", None)
     if experiment:
@@ -577,29 +694,64 @@ def run_mining_pipeline(cfg: Any) -> Any:
         )
         fine = _train_in_nested_run(ft_cfg, "fine_tune", parent_id)
 
-        # [d] before/after on the same validation rows, each model at its own calibrated thresholds
-        common, b_rows, f_rows = np.intersect1d(base.val_indices, fine.val_indices, return_indices=True)
+        # [d] the control: the same fine-tune on a random subset of the training split of the same size
+        control = None
+        if mcfg.control:
+            rows = np.random.default_rng(mcfg.seed).choice(len(train), size=len(mined), replace=False)
+            control_uri = storage.join(work, "control_manifest.csv")
+            _write_split_manifest(
+                train.subset(np.sort(rows).tolist()), val, control_uri, vocabulary=vocabulary
+            )
+            control_cfg = ft_cfg.replace(
+                data=control_uri,
+                run_name=f"{cfg.run_name}-control",
+                output=storage.join(work, "control-model"),
+            )
+            control = _train_in_nested_run(control_cfg, "control", parent_id)
+
+        # [e] base vs mined vs random on the held-out rows, each model at its own calibrated thresholds
+        with mlflow.start_run(run_name="report", nested=True, parent_run_id=parent_id):
+            mlflow.set_tag("mlc_ray.mining.stage", "report")
+            models = [base, fine] + ([control] if control is not None else [])
+            held = [score_manifest(m.bundle_dir, holdout, batch_size=mcfg.score_batch_size) for m in models]
+        common = held[0].indices
+        for h in held[1:]:
+            common = np.intersect1d(common, h.indices)
         if len(common) == 0:
-            raise ValueError("mining report: the base and fine-tuned runs share no validation rows")
+            raise ValueError("mining report: no held-out image was scored by every model")
+        aligned = [h.scores[np.searchsorted(h.indices, common)] for h in held]
         report = mining_report(
-            scored.labels,
-            np.asarray(base.val_targets)[b_rows],
-            np.asarray(base.val_scores)[b_rows],
-            np.asarray(fine.val_scores)[f_rows],
+            held[0].labels,
+            held[0].targets[np.searchsorted(held[0].indices, common)],
+            aligned[0],
+            aligned[1],
             thresholds=base.thresholds,
             fine_tuned_thresholds=fine.thresholds,
             n_combinations=mcfg.report_combinations,
+            control_scores=aligned[2] if control is not None else None,
+            control_thresholds=control.thresholds if control is not None else None,
+            data_note=(
+                f"Held-out rows: {len(common)} of the validation split that no stage trained, selected or "
+                f"calibrated on; mined set and random subset: {len(mined)} images each. "
+            ),
         )
         fine.mining_report = report
+        # the fine-tuned model has seen the whole training split (in its base stage), not only the
+        # mined rows: that is the list promotion must keep out of its evaluation data
+        fine.train_manifest = train
         text = report.to_markdown()
-        log.info("hard-sample mining, base vs fine-tuned on the validation split:\n%s", text)
+        log.info("hard-sample mining, base vs mined vs random fine-tune on held-out rows:\n%s", text)
         mlflow.log_text(text, "mining/mining_report.md")
         mlflow.log_text(report.to_csv(), "mining/mining_report.csv")
         for r in report.label_rows:
             mlflow.log_metrics(
                 {f"f1_base.{r['label']}": r["f1_base"], f"f1_fine_tuned.{r['label']}": r["f1_fine_tuned"]}
             )
+            if "f1_control" in r:
+                mlflow.log_metric(f"f1_control.{r['label']}", r["f1_control"])
         mlflow.set_tag("mlc_ray.mining.fine_tune_run_id", fine.mlflow_run_id)
+        if control is not None:
+            mlflow.set_tag("mlc_ray.mining.control_run_id", control.mlflow_run_id)
     return fine
 
 

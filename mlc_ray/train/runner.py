@@ -106,7 +106,7 @@ class TrainResult:
         if self.mining_report is not None:
             lines += [
                 "",
-                "hard-sample mining, base vs fine-tuned (validation):",
+                "hard-sample mining, base vs mined vs random fine-tune (held-out rows):",
                 self.mining_report.to_markdown(),
             ]
         lines += [
@@ -584,7 +584,7 @@ def run_train_job(cfg: TrainConfig) -> TrainResult:
 
 def _export_and_register(cfg: TrainConfig, result: TrainResult) -> None:
     from mlc_ray.export import export_bundle
-    from mlc_ray.registry import register_bundle
+    from mlc_ray.registry import TrainingEvidence, register_bundle
     from mlc_ray.train.tracking import command_line
 
     calibration, val_images, val_targets = _export_inputs(result)
@@ -597,6 +597,10 @@ def _export_and_register(cfg: TrainConfig, result: TrainResult) -> None:
         run_id=result.mlflow_run_id,
         command_line=command_line(),
         tags=_version_tags(cfg, result),
+        # promotion's default evaluation data, and the images it must not be judged on
+        evidence=TrainingEvidence(
+            val_manifest=result.val_manifest, val_data_uri=cfg.val_data, train_manifest=result.train_manifest
+        ),
     )
     log.info(
         "registered %s version %s (alias challenger)", cfg.register_as, getattr(version, "version", version)
@@ -604,8 +608,8 @@ def _export_and_register(cfg: TrainConfig, result: TrainResult) -> None:
 
 
 def _version_tags(cfg: TrainConfig, result: TrainResult) -> dict[str, str]:
-    """What promotion and audits need to know about the data behind a version: the manifest it was
-    trained on (promote.py's default evaluation data: its `val` rows) and that manifest's hash."""
+    """What audits need to know about the data behind a version: the manifest it was trained on and
+    the hash of its training rows (the evaluation data is recorded by ``TrainingEvidence``)."""
     from mlc_ray.data.demo import ensure_demo_data
 
     tags = {"manifest_uri": str(cfg.data) if cfg.data is not None else ensure_demo_data()}

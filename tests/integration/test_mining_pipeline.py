@@ -58,7 +58,8 @@ def test_three_stages_are_nested_runs_under_one_parent(mined) -> None:
     assert len(parents) == 1
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags.get("mlc_ray.mining.stage") for r in children) == ["base", "fine_tune", "score"]
+    stages = sorted(r.data.tags.get("mlc_ray.mining.stage") for r in children)
+    assert stages == ["base", "control", "fine_tune", "report", "score"]
     assert parent.data.tags["mlc_ray.mining.fine_tune_run_id"] == result.mlflow_run_id
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "mining")}
     assert {"mining/mined_manifest.csv", "mining/mining_report.md", "mining/mining_report.csv"} <= artifacts
@@ -84,9 +85,17 @@ def test_fine_tune_is_the_job_model_and_the_report_compares_the_same_rows(mined)
     assert result.bundle_dir == cfg.bundle_dir and (Path(cfg.bundle_dir) / "thresholds.json").is_file()
     assert (Path(cfg.run_dir) / "mining" / "base-model" / "model.pt").is_file()
     report = result.mining_report
-    assert report is not None
+    assert report is not None and report.has_control
     assert [r["label"] for r in report.label_rows] == result.labels
-    assert sum(r["support"] for r in report.label_rows) == int(result.val_targets.sum())
+    # the report is measured on held-out rows: validation rows no stage selected or calibrated on
+    from mlc_ray.data.manifest import load_manifest
+
+    holdout = load_manifest(str(Path(cfg.run_dir) / "mining" / "holdout_manifest.csv"), labels_uri=None)
+    assert holdout.images and not set(holdout.images) & set(result.val_manifest.images)
+    assert sum(r["support"] for r in report.label_rows) == int(holdout.multi_hot().sum())
+    assert "Held-out rows" in report.to_markdown() and "F1 random" in report.to_markdown()
+    assert all(np.isfinite(r["f1_control"]) for r in report.label_rows)
+    assert all("acc_control" in r for r in report.combination_rows + report.pair_rows)
     assert report.combination_rows and all(0.0 <= r["acc_base"] <= 1.0 for r in report.combination_rows)
     assert "hard-sample mining" in result.summary()
     assert np.isfinite([r["f1_fine_tuned"] for r in report.label_rows]).all()

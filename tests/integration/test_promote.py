@@ -166,3 +166,108 @@ def test_unknown_model_is_a_user_error(mlflow_server: MlflowServer, capsys) -> N
     code = _promote_job().main(["--name", "no-such-model", "--eval-data", "x.csv"])
     err = capsys.readouterr().err
     assert code == 2 and "no registered model 'no-such-model'" in err
+
+
+# ---- held-out evidence: the evaluation data a version records, and refusing its training images
+
+HELD_OUT = "promo-held-out"
+
+
+@pytest.fixture(scope="module")
+def held_out(mlflow_server: MlflowServer, color_data: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A version registered as training registers one: its val rows and its training images recorded."""
+    from mlc_ray.data.manifest import load_manifest
+    from mlc_ray.registry import TrainingEvidence, register_bundle
+
+    full = load_manifest(color_data)
+    train = full.subset([i for i, s in enumerate(full.splits) if s == "train"])
+    val = full.subset([i for i, s in enumerate(full.splits) if s == "val"])
+    bundle = build_color_bundle(tmp_path_factory.mktemp("held-out") / "good", GOOD)
+    mv = register_bundle(
+        bundle,
+        HELD_OUT,
+        command_line="test held-out",
+        evidence=TrainingEvidence(val_manifest=val, train_manifest=train),
+    )
+    return {"version": str(mv.version), "train": train, "val": val}
+
+
+def _promote_held_out(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = _promote_job().main(["--name", HELD_OUT, *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_version_records_its_val_rows_and_promotion_defaults_to_them(held_out: dict, capsys) -> None:
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version(HELD_OUT, held_out["version"]).tags
+    assert tags["eval_data_uri"].startswith("runs:/") and tags["eval_data_uri"].endswith("/val_manifest.csv")
+    assert tags["eval_data_sha256"] == held_out["val"].sha256
+    assert tags["train_images_uri"].endswith("/train_images.csv")
+    code, out, err = _promote_held_out(["--candidate", held_out["version"], "--dry-run"], capsys)
+    assert code == 0, out + err
+    assert f"{len(held_out['val'])} images" in out
+    assert f"0 of {len(held_out['val'])} evaluation images are training images" in out
+
+
+def test_eval_data_with_training_images_is_refused_naming_the_count(
+    held_out: dict, color_data: str, capsys
+) -> None:
+    # every row of the training manifest: 24 of its 48 images are training images (same URI)
+    args = ["--candidate", held_out["version"], "--eval-data", color_data, "--split", "all", "--dry-run"]
+    code, out, err = _promote_held_out(args, capsys)
+    assert code == 2, out + err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "24 of 48 evaluation images are training images" in err and "24 same URI" in err
+    assert "--allow-train-overlap" in err
+
+
+def test_training_images_under_other_names_are_found_by_content(
+    held_out: dict, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from mlc_ray.data.manifest import Manifest
+
+    train, val = held_out["train"], held_out["val"]
+    copies = []
+    for k, uri in enumerate(train.images[:10]):
+        copies.append(str(tmp_path / f"renamed-{k}.jpg"))
+        shutil.copyfile(uri, copies[-1])
+    manifest = Manifest(
+        images=[*copies, *val.images[:6]],
+        labels=[*train.labels[:10], *val.labels[:6]],
+        splits=[None] * 16,
+        vocabulary=list(val.vocabulary),
+    )
+    eval_uri = manifest.write(str(tmp_path / "eval.csv"))
+    base = ["--candidate", held_out["version"], "--eval-data", eval_uri, "--dry-run"]
+    code, out, err = _promote_held_out(base, capsys)
+    assert code == 2, out + err
+    assert "10 of 16 evaluation images are training images" in err and "10 same content" in err
+
+    code, out, err = _promote_held_out([*base, "--allow-train-overlap"], capsys)
+    assert code == 0, out + err
+    assert "10 of 16 evaluation images are training images" in out
+    assert "NOT a held-out comparison" in out
+
+
+def test_no_recorded_eval_data_and_no_split_column_is_refused(
+    mlflow_server: MlflowServer, held_out: dict, tmp_path: Path, capsys
+) -> None:
+    """A version registered without evidence falls back to its training manifest only if that has a
+    split column: all the rows of a split-less manifest may have been trained on."""
+    import dataclasses
+
+    from mlc_ray.registry import register_bundle
+
+    train = held_out["train"]
+    no_split = dataclasses.replace(train, splits=[None] * len(train)).write(
+        str(tmp_path / "ns" / "train.csv")
+    )
+    bundle = build_color_bundle(tmp_path / "legacy", GOOD)
+    mv = register_bundle(bundle, HELD_OUT, command_line="test legacy", tags={"manifest_uri": no_split})
+    code, out, err = _promote_held_out(["--candidate", str(mv.version), "--dry-run"], capsys)
+    assert code == 2, out + err
+    assert "no split column" in err and "--eval-data" in err

@@ -436,8 +436,13 @@ def test_trained_model_end_to_end_through_the_server(
     version = client.get_model_version_by_alias("trained-e2e", "challenger")
     assert version.run_id == result.mlflow_run_id
     assert {"sha256.model.onnx", "sha256.thresholds.json", "command_line"} <= set(version.tags)
+    # training recorded its seeded split's val rows as the evaluation data, and its training images
+    assert version.tags["eval_data_uri"] == f"runs:/{result.mlflow_run_id}/evidence/val_manifest.csv"
+    assert version.tags["eval_data_sha256"] == result.val_manifest.sha256
     decision = promote("trained-e2e", candidate="challenger")  # the version's own val split
     assert decision.promoted and decision.exit_code == 0
+    assert decision.n_images == len(result.val_manifest) == 16
+    assert decision.train_overlap.startswith("0 of 16 evaluation images"), decision.train_overlap
 
     bundle = Path(cfg.bundle_dir)
     uris = [str(Path(data).parent / f"images/{i:05d}.jpg") for i in range(6)]

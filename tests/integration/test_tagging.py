@@ -292,3 +292,93 @@ def test_driver_killed_midway_then_rerun_exactly_once(bundle, images, tmp_path) 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     uris = read_table(output).column("image_uri").to_pylist()
     assert len(uris) == N_IMAGES and set(uris) == set(expected)
+
+
+# ---- the other precisions and backends, end to end through jobs/tag.py ----------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_bundle(tmp_path_factory) -> str:
+    """A trained colour tagger exported as fp32 + int8 (it passed its gate) + ncnn."""
+    from mlc_ray.export import export_bundle
+    from tests.unit.test_quantize import color_images, train_color_bundle
+
+    folder, _ = train_color_bundle(tmp_path_factory.mktemp("exported") / "bundle")
+    val_images, val_targets = color_images(120, seed=7)
+    report = export_bundle(
+        folder,
+        calibration_images=color_images(64, seed=1)[0],
+        val_images=val_images,
+        val_targets=val_targets,
+        formats=("onnx", "int8", "ncnn"),
+        threads=2,
+    )
+    assert report.ok("int8") and report.ok("ncnn"), report.format()
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def color_inputs(images) -> tuple[str, list[str]]:
+    """24 colour JPEGs (labels = bright channels) next to the module's inputs."""
+    from tests.unit.test_quantize import color_images
+
+    pixels, _ = color_images(24, seed=21)
+    client = storage.s3_client()
+    uris = []
+    for i, arr in enumerate(pixels):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=95)
+        client.put_object(Bucket="tagging-inputs", Key=f"colors/{i:03d}.jpg", Body=buf.getvalue())
+        uris.append(f"s3://tagging-inputs/colors/{i:03d}.jpg")
+    return "s3://tagging-inputs/colors/", uris
+
+
+def _expected_scores(bundle: str, uris: list[str], onnx_file: str) -> np.ndarray:
+    """The evaluation path on the same bytes: decode, preprocess, onnxruntime."""
+    from mlc_ray.data.images import PreprocessConfig, decode_image, preprocess_eval
+    from mlc_ray.export.onnx import onnx_probabilities
+
+    pre = PreprocessConfig.from_json(Path(bundle, "preprocess.json").read_text())
+    pixels = np.stack([preprocess_eval(decode_image(storage.read_bytes(u)).array, pre) for u in uris])
+    return onnx_probabilities(Path(bundle, onnx_file), pixels)
+
+
+@pytest.mark.parametrize(
+    ("flags", "backend", "precision", "onnx_file", "atol"),
+    [
+        (["--precision", "int8"], "onnxruntime", "int8", "model.int8.onnx", 1e-5),
+        (["--backend", "ncnn"], "ncnn", "fp32", "model.onnx", 1e-3),  # ncnn's parity limit vs fp32
+    ],
+    ids=["int8", "ncnn"],
+)
+def test_tag_job_with_int8_and_ncnn(
+    exported_bundle, color_inputs, flags, backend, precision, onnx_file, atol, capsys
+) -> None:
+    import importlib.util
+
+    prefix, uris = color_inputs
+    output = f"s3://tagging-inputs/tags-{backend}-{precision}"
+    spec = importlib.util.spec_from_file_location("tag_job", REPO / "jobs" / "tag.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    code = job.main(["--model", exported_bundle, "--input", prefix, "--output", output, *flags])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    rows = {r["image_uri"]: r for r in read_table(output).to_pylist()}
+    assert sorted(rows) == sorted(uris)  # one row per image
+    expected = _expected_scores(exported_bundle, uris, onnx_file)
+    labels = json.loads(Path(exported_bundle, "labels.json").read_text())
+    thresholds = json.loads(Path(exported_bundle, "thresholds.json").read_text())["thresholds"]
+    for uri, want in zip(uris, expected, strict=True):
+        row = rows[uri]
+        assert row["error"] is None
+        assert row["backend"] == backend and row["precision"] == precision
+        assert row["model_version"] is not None and row["thresholds_sha256"] and row["run_id"]
+        got = np.array([s["score"] for s in row["scores"]])
+        assert [s["label"] for s in row["scores"]] == labels
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+        clear = [abs(p - t) > atol for p, t in zip(want, thresholds, strict=True)]
+        want_labels = [lab for lab, p, t in zip(labels, want, thresholds, strict=True) if p >= t]
+        got_set = set(row["labels"])
+        assert all(
+            (lab in got_set) == (lab in want_labels) for lab, c in zip(labels, clear, strict=True) if c
+        )

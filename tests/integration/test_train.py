@@ -194,3 +194,45 @@ def test_checkpoint_state_loads_with_weights_only(one_worker: TrainResult) -> No
         io.BytesIO(Path(one_worker.checkpoint_path, STATE_FILE).read_bytes()), weights_only=True
     )
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_map", "starts"} <= set(state)
+
+
+def test_asl_onecycle_and_ema_from_the_command_line(
+    ray_local: None, tiny_data: str, tracking_uri: str, storage: str, capsys
+) -> None:
+    """jobs/train.py with --loss asl (its gammas and clip through --set), --schedule onecycle and ema:
+    the run trains with what was asked and ships the EMA weights."""
+    import importlib.util
+
+    import torch
+
+    from mlc_ray.train.loop import META_FILE, STATE_FILE
+
+    spec = importlib.util.spec_from_file_location(
+        "train_job", Path(__file__).parents[2] / "jobs" / "train.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = Path(storage) / "asl-bundle"
+    args = ["--data", tiny_data, "--storage-path", storage, "--run-name", "asl-onecycle-ema"]
+    args += ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--max-error-rate", "0.05"]
+    args += ["--loss", "asl", "--schedule", "onecycle", "--output", str(out), "--experiment", "test-train"]
+    args += ["--set", "asl_gamma_neg=2", "--set", "asl_gamma_pos=1", "--set", "asl_clip=0.1"]
+    args += ["--set", "ema=true", "--set", "ema_decay=0.9"]
+    code = job.main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    run = Path(storage) / "asl-onecycle-ema"
+    checkpoint = max(p for p in run.glob("checkpoint_*") if p.is_dir())
+    meta = json.loads((checkpoint / META_FILE).read_text())
+    assert meta["loss"].startswith("AsymmetricLoss(")
+    assert "gamma_neg=2.0, gamma_pos=1.0, clip=0.1" in meta["loss"]
+    state = torch.load(io.BytesIO((checkpoint / STATE_FILE).read_bytes()), weights_only=True)
+    # one-cycle ends far below its peak (initial lr / (div_factor * final_div_factor)); cosine ends at 0
+    assert 0 < meta["lr"] < 1e-5 and "total_steps" in state["scheduler"]
+    shipped = torch.load(out / "model.pt", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    raw = state["model"]
+    assert set(shipped) == set(ema)
+    assert all(torch.equal(shipped[k], ema[k]) for k in shipped)  # the EMA weights ship, not the raw ones
+    assert any(not torch.equal(shipped[k], raw[k]) for k in shipped if k in raw)
+    assert (out / "thresholds.json").is_file() and json.loads((out / "metrics.json").read_text())

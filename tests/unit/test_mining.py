@@ -195,3 +195,25 @@ def test_mining_report_tables() -> None:
     csv_lines = report.to_csv().splitlines()
     assert csv_lines[0].startswith("kind,name,count") and len(csv_lines) == 1 + 2 + 3 + 1
     assert csv_lines[-1].startswith("pair,cat+dog,2,")
+
+
+def test_mining_report_with_the_random_subset_control() -> None:
+    from mlc_ray.train.mining import mining_report
+
+    targets = np.array([[1, 0], [0, 1], [1, 1], [1, 1], [0, 0], [1, 0]])
+    base = np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.3], [0.4, 0.9], [0.1, 0.1], [0.7, 0.2]])
+    fine = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.7], [0.6, 0.9], [0.1, 0.6], [0.7, 0.2]])
+    control = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.2], [0.6, 0.9], [0.1, 0.1], [0.7, 0.2]])
+    report = mining_report(
+        ["cat", "dog"], targets, base, fine, control_scores=control, n_combinations=10, data_note="Held out. "
+    )
+    assert report.has_control
+    rows = {r["label"]: r for r in report.label_rows}
+    assert rows["cat"]["f1_control"] == 1.0
+    assert rows["dog"]["f1_control"] == pytest.approx(2 * 2 / (2 * 2 + 0 + 1))  # TP 2, FN 1
+    both = report.combination("cat+dog")
+    assert (both["acc_base"], both["acc_fine_tuned"], both["acc_control"]) == (0.0, 1.0, 0.5)
+    md = report.to_markdown()
+    assert md.startswith("Held out. ") and "F1 random" in md and "mined − random" in md
+    assert "| cat+dog | 2 | 0.0000 | 1.0000 | 0.5000 | +0.5000 |" in md
+    assert report.to_csv().splitlines()[0].endswith("random_f1_or_acc,base_ap,mined_ap,random_ap")

@@ -145,3 +145,91 @@ def test_export_bundle_applies_the_gate(tmp_path):
     assert again.results["int8"].status == "skipped"
     assert "calibration images" in again.results["int8"].reason
     assert not (folder / "model.int8.onnx").exists()
+
+
+# ---- the gate on a trained model: keeps int8 that is as good, rejects int8 made worse on purpose ---
+
+COLOR_LABELS = ["red", "green", "blue"]
+COLOR_SIZE = 32
+
+
+def color_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 32, 32, 3) noisy images whose labels are their bright channels, and (n, 3) targets."""
+    rng = np.random.default_rng(seed)
+    on = rng.random((n, 3)) < 0.5
+    pixels = np.where(on, 190, 60)[:, None, None, :] + rng.normal(0, 25, (n, COLOR_SIZE, COLOR_SIZE, 3))
+    return pixels.clip(0, 255).astype(np.uint8), on.astype(np.uint8)
+
+
+def train_color_bundle(folder, *, steps: int = 80, seed: int = 0):
+    """A bundle (model.pt, model.json, labels.json, preprocess.json, thresholds.json) of MobileNet V1
+    x0.25 at 32 px trained with AdamW on ``color_images``: val macro-F1 ~1 in a few seconds on a CPU."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    pre = PreprocessConfig(image_size=COLOR_SIZE)
+    spec = model_spec("mobilenet_v1", len(COLOR_LABELS), width=0.25)
+    tagger = build_tagger(spec, pre)
+    images, targets = color_images(512, seed=seed + 1)
+    opt = torch.optim.AdamW(tagger.parameters(), lr=5e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(seed)
+    tagger.train()
+    for _ in range(steps):
+        idx = rng.choice(len(images), 32, replace=False)
+        loss = loss_fn(tagger(torch.from_numpy(images[idx])), torch.from_numpy(targets[idx]).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tagger.eval()
+    torch.save(tagger.state_dict(), folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps(spec))
+    (folder / "labels.json").write_text(json.dumps(COLOR_LABELS))
+    (folder / "preprocess.json").write_text(pre.to_json())
+    Thresholds(COLOR_LABELS, [0.5] * 3, "fixed").save(str(folder / "thresholds.json"))
+    return folder, tagger
+
+
+@pytest.fixture(scope="module")
+def trained_color(tmp_path_factory):
+    folder, tagger = train_color_bundle(tmp_path_factory.mktemp("trained") / "bundle")
+    val_images, val_targets = color_images(120, seed=7)  # not the training images
+    return folder, val_images, val_targets
+
+
+def test_gate_keeps_int8_of_a_trained_model(trained_color):
+    folder, val_images, val_targets = trained_color
+    calibration, _ = color_images(64, seed=1)  # training-like images
+    report = export_bundle(
+        folder,
+        calibration_images=calibration,
+        val_images=val_images,
+        val_targets=val_targets,
+        formats=("onnx", "int8"),
+        threads=2,
+    )
+    gate = report.gate
+    assert gate is not None and gate.macro_f1_fp32 >= 0.95, gate  # the model is trained, not random
+    assert gate.passed, gate.reason
+    assert gate.macro_f1_fp32 - gate.macro_f1_int8 <= 0.01
+    assert report.ok("int8") and (folder / "model.int8.onnx").is_file()
+
+
+def test_gate_rejects_int8_made_worse_on_purpose(trained_color):
+    """Calibrated on black images, int8's activation ranges fit nothing the model sees: the same
+    trained model's int8 version must be rejected and its file deleted."""
+    folder, val_images, val_targets = trained_color
+    report = export_bundle(
+        folder,
+        calibration_images=np.zeros((64, COLOR_SIZE, COLOR_SIZE, 3), np.uint8),
+        val_images=val_images,
+        val_targets=val_targets,
+        formats=("onnx", "int8"),
+        threads=2,
+    )
+    gate = report.gate
+    assert gate is not None and gate.macro_f1_fp32 >= 0.95, gate
+    assert not gate.passed and gate.macro_f1_fp32 - gate.macro_f1_int8 > 0.01, gate
+    assert "macro-F1 dropped" in gate.reason or "lost more than" in gate.reason
+    assert not report.ok("int8") and not (folder / "model.int8.onnx").exists()

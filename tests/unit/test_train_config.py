@@ -144,3 +144,14 @@ def test_tracking_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     lines = csv.splitlines()
     assert lines[1].startswith("cat,3,0.5000,0.4000") and lines[2].startswith('"a,b",0,,0.5000')
     assert md.count("\n") == 4 and "| cat | 3 |" in md
+
+
+def test_asl_settings_are_config_keys_and_validated():
+    cfg = load_config(
+        TrainConfig, None, {"loss": "asl", "asl_gamma_neg": 2, "asl_gamma_pos": 1, "asl_clip": 0.1}
+    )
+    assert (cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip) == (2, 1, 0.1)
+    with pytest.raises(ValueError, match="asl_clip must be in"):
+        TrainConfig(asl_clip=1.0)
+    with pytest.raises(ValueError, match="asl_gamma_neg and asl_gamma_pos must be >= 0"):
+        TrainConfig(asl_gamma_neg=-1)
