@@ -7,8 +7,9 @@ workers importing torch): a serial run left the 2-CPU machine about half idle du
 (52 % busy over 30 s). So two pytest processes run at once, each with its own S3 server, MLflow and
 local Ray clusters (on 2 CPUs the gain is small: both shards keep the CPUs busy; see README "Tests"):
 
-* shard ``integration``: ``tests/integration`` but the mining pipeline;
+* shard ``integration``: ``tests/integration`` but the mining pipeline and the per-model defaults;
 * shard ``chaos+unit``: ``tests/chaos``, ``tests/unit``, then ``tests/integration/test_mining_pipeline.py``
+  and ``test_train_defaults.py``
   (so the two take about as long: measured 2026-12-01, 14.5 and 19.3 min before that move).
 
 Nothing is shared between them: every Ray a test starts is ``address="local"`` (or has its own
@@ -31,10 +32,12 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MINING = "tests/integration/test_mining_pipeline.py"  # the longest module: balances the two shards
+# The two longest integration modules run in the other shard so that the two take about as long.
+MINING = "tests/integration/test_mining_pipeline.py"
+TRAIN_DEFAULTS = "tests/integration/test_train_defaults.py"  # one training run per registered model
 SHARDS = {
-    "integration": ["tests/integration", f"--ignore={MINING}"],
-    "chaos+unit": ["tests/chaos", "tests/unit", MINING],
+    "integration": ["tests/integration", f"--ignore={MINING}", f"--ignore={TRAIN_DEFAULTS}"],
+    "chaos+unit": ["tests/chaos", "tests/unit", MINING, TRAIN_DEFAULTS],
 }
 
 
