@@ -79,12 +79,24 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def _sync_buffers(model: Any) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). Each rank updates them on its
+    own batches, and the model that ships is rank 0's: validation on the other ranks must score
+    with the same statistics, or the thresholds are fitted on scores no shipped model produces."""
+    dist = _dist()
+    if dist is None:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def _init_weights(tagger: Any, uri: str) -> None:
     """Fine-tune start: a bundle dir (its model.pt), a checkpoint dir (state.pt) or a state-dict file."""
     from mlc_ray import storage
+    from mlc_ray.bundle import WEIGHTS
     from mlc_ray.models import load_pretrained
 
-    for name in ("model.pt", STATE_FILE):
+    for name in (WEIGHTS, STATE_FILE):
         candidate = storage.join(uri, name)
         if storage.exists(candidate):
             uri = candidate
@@ -273,6 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         # [2] validate: each rank scores its shard, every rank gets all of it
         _write_heartbeat(config.get("heartbeat_dir"), rank, epoch=epoch, phase="val")
         eval_model = (ema.module if ema is not None else tagger).eval()
+        _sync_buffers(eval_model)
         idx_parts, score_parts, target_parts = [], [], []
         with torch.inference_mode():
             for batch in val_shard.iter_torch_batches(

@@ -77,7 +77,8 @@ def one_worker(ray_local: None, tiny_data: str, tracking_uri: str, storage: str)
 
 @pytest.fixture(scope="module")
 def two_workers(ray_local: None, tiny_data: str, tracking_uri: str, storage: str) -> TrainResult:
-    return run_training(tiny_config(tiny_data, storage, num_workers=2, run_name="w2"))
+    # 10-crop evaluation on: it must not change what ships (thresholds fitted on single-view scores)
+    return run_training(tiny_config(tiny_data, storage, num_workers=2, run_name="w2", tta="10crop"))
 
 
 def _val_rows(result: TrainResult) -> np.ndarray:
@@ -89,7 +90,7 @@ def _val_rows(result: TrainResult) -> np.ndarray:
 def test_bundle_is_complete_and_scores_like_validation(one_worker: TrainResult) -> None:
     from mlc_ray import storage
     from mlc_ray.calibrate import Thresholds
-    from mlc_ray.data.images import decode_image, preprocess_eval
+    from mlc_ray.data.images import prepare_image
     from mlc_ray.train.scoring import load_bundle_model
 
     bundle = Path(one_worker.bundle_dir)
@@ -107,9 +108,7 @@ def test_bundle_is_complete_and_scores_like_validation(one_worker: TrainResult) 
     rows = one_worker.val_indices[:6]
     pixels = np.stack(
         [
-            preprocess_eval(
-                decode_image(storage.read_bytes(one_worker.val_manifest.images[i])).array, preprocess
-            )
+            prepare_image(storage.read_bytes(one_worker.val_manifest.images[i]), preprocess).pixels
             for i in rows
         ]
     )
@@ -130,7 +129,9 @@ def test_mlflow_run_has_params_metrics_and_artifacts(one_worker: TrainResult, tr
     history = client.get_metric_history(run.info.run_id, "val_mAP")
     assert sorted(m.step for m in history) == [0, 1]  # per epoch, logged by rank 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
-    assert run.data.metrics["final_cal_macro_f1"] == pytest.approx(one_worker.metrics["macro_f1"])
+    assert run.data.metrics["val_cv_cal_macro_f1"] == pytest.approx(one_worker.metrics["macro_f1"])
+    assert run.data.metrics["val_at05_macro_f1"] == pytest.approx(one_worker.metrics_at_05["macro_f1"])
+    assert "cross-fitted" in run.data.tags["measured_on.calibrated"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     for name in (
         "config.yaml",
@@ -236,3 +237,38 @@ def test_asl_onecycle_and_ema_from_the_command_line(
     assert all(torch.equal(shipped[k], ema[k]) for k in shipped)  # the EMA weights ship, not the raw ones
     assert any(not torch.equal(shipped[k], raw[k]) for k in shipped if k in raw)
     assert (out / "thresholds.json").is_file() and json.loads((out / "metrics.json").read_text())
+
+
+def test_calibrated_metrics_come_from_rows_the_thresholds_were_not_fitted_on(one_worker: TrainResult) -> None:
+    from mlc_ray.calibrate import cross_fit_thresholds
+    from mlc_ray.train.metrics import compute_metrics
+
+    r = one_worker
+    fit = cross_fit_thresholds(r.val_scores, r.val_targets, r.labels, "f1_max", folds=5, seed=3)
+    assert r.thresholds.values == fit.thresholds.values  # shipped: fitted on all validation rows
+    held_out = compute_metrics(r.val_scores, r.val_targets, fit.row_thresholds)
+    in_sample = compute_metrics(r.val_scores, r.val_targets, r.thresholds.as_array())
+    assert r.metrics["macro_f1"] == pytest.approx(held_out["macro_f1"])
+    assert r.metrics["macro_f1"] <= in_sample["macro_f1"] + 1e-12  # in-sample is the optimum by construction
+    metrics = json.loads(Path(r.bundle_dir, "metrics.json").read_text())
+    assert "cross-fitted" in metrics["measured_on"]["calibrated"] and metrics["calibration_folds"] == 5
+    assert "measured on:" in r.summary() and "cross-fitted" in r.summary()
+
+
+def test_10crop_is_evaluation_only_and_thresholds_fit_single_view_scores(two_workers: TrainResult) -> None:
+    """Tagging scores one view: the shipped thresholds are fitted on single-view scores even with
+    --tta 10crop, whose figures are reported apart."""
+    from mlc_ray.calibrate import cross_fit_thresholds
+    from mlc_ray.train.scoring import score_manifest
+
+    r = two_workers
+    single = score_manifest(r.bundle_dir, r.val_manifest, tta="none", use_ray=False)
+    np.testing.assert_array_equal(single.indices, r.val_indices)
+    np.testing.assert_allclose(single.scores, r.val_scores, atol=1e-4)  # val scores = single view
+    fit = cross_fit_thresholds(r.val_scores, r.val_targets, r.labels, "f1_max", folds=5, seed=3)
+    assert r.thresholds.values == fit.thresholds.values
+    crops = score_manifest(r.bundle_dir, r.val_manifest, tta="10crop", use_ray=False)
+    assert crops.scores.shape == single.scores.shape  # (this 2-epoch model barely depends on the view)
+    metrics = json.loads(Path(r.bundle_dir, "metrics.json").read_text())
+    assert metrics["tta"] == "10crop" and set(metrics["tta_10crop"]) == {"at_0.5", "calibrated"}
+    assert r.metrics_10crop is not None and "evaluation only" in r.measured_on["10crop"]
