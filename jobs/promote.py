@@ -3,10 +3,14 @@
     python jobs/promote.py --name NAME [--eval-data MANIFEST] [--candidate challenger|VERSION]
         [--metric macro_f1] [--min-delta 0.0] [--max-label-drop 0.03] [--split auto] [--dry-run]
     python jobs/promote.py --name NAME --rollback
+    python jobs/promote.py --history NAME
 
 Candidate and champion are evaluated on the same data, each at its own calibrated thresholds.
 Without --eval-data the candidate's training manifest (its `manifest_uri` tag) is used, and with
 --split auto only its `val` rows when it has a split column (the demo model's val split).
+With a staging model (the registry locked down, mlflow/README.md), pass the candidate as a URI:
+--candidate models:/NAME-staging@challenger; a winner is copied into NAME before @champion moves.
+--history NAME prints every decision about @champion (when, who, from -> to, decision, evidence).
 Exit codes: 0 promoted (or rolled back, or already champion), 3 the gate refused, 4 an artifact
 does not match its sha256 tag, 2 a user error (unknown model/alias, bad manifest), 1 a bug.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mlc_ray.alias_history import alias_history, format_history
 from mlc_ray.cli import run_job, setup_logging
 from mlc_ray.registry import CHALLENGER, promote, rollback
 
@@ -24,7 +29,7 @@ log = logging.getLogger("mlc_ray.jobs.promote")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--name", help="registered model name (required unless --history)")
     parser.add_argument("--eval-data", help="labelled manifest both versions are scored on")
     parser.add_argument(
         "--candidate", default=CHALLENGER, help="version number or alias (default: challenger)"
@@ -43,16 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="evaluate and report; change nothing")
     parser.add_argument("--rollback", action="store_true", help="make previous-champion the champion again")
+    parser.add_argument(
+        "--history", metavar="NAME", help="print every champion move and refusal of NAME, newest first"
+    )
     parser.add_argument("--cache-dir", help="where to download model versions (default: a temporary dir)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.name and not args.history:
+        parser.error("--name is required (or --history NAME)")
     setup_logging(args.verbose)
 
     def body() -> int:
+        if args.history:
+            print(format_history(args.history, alias_history(args.history)))
+            return 0
         if args.rollback:
             decision = rollback(args.name, dry_run=args.dry_run, cache_dir=args.cache_dir)
         else:
