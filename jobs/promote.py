@@ -4,12 +4,16 @@
         [--metric macro_f1] [--min-delta 0.0] [--max-label-drop 0.03] [--split auto] [--dry-run]
         [--allow-train-overlap]
     python jobs/promote.py --name NAME --rollback
+    python jobs/promote.py --history NAME
 
 Candidate and champion are evaluated on the same data, each at its own calibrated thresholds.
 Without --eval-data the candidate's recorded evaluation data is used (its `eval_data_uri` tag:
 the --val-data manifest it was trained with, or its split's val rows). Evaluation data containing
 any of the candidate's training images (same URI or same bytes) is refused with the count, unless
 --allow-train-overlap (the report then says the comparison is not held out).
+With a staging model (the registry locked down, mlflow/README.md), pass the candidate as a URI:
+--candidate models:/NAME-staging@challenger; a winner is copied into NAME before @champion moves.
+--history NAME prints every decision about @champion (when, who, from -> to, decision, evidence).
 Exit codes: 0 promoted (or rolled back, or already champion), 3 the gate refused, 4 an artifact
 does not match its sha256 tag, 2 a user error (unknown model/alias, bad manifest), 1 a bug.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mlc_ray.alias_history import alias_history, format_history
 from mlc_ray.cli import ArgumentParser, run_job, setup_logging
 from mlc_ray.registry import CHALLENGER, promote, rollback
 
@@ -27,7 +32,7 @@ log = logging.getLogger("mlc_ray.jobs.promote")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--name", help="registered model name (required unless --history)")
     parser.add_argument(
         "--eval-data",
         help="labelled manifest both versions are scored on (default: the candidate's recorded val data)",
@@ -55,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="evaluate and report; change nothing")
     parser.add_argument("--rollback", action="store_true", help="make previous-champion the champion again")
+    parser.add_argument(
+        "--history", metavar="NAME", help="print every champion move and refusal of NAME, newest first"
+    )
     parser.add_argument("--cache-dir", help="where to download model versions (default: a temporary dir)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -76,10 +84,16 @@ def check_gate_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.name and not args.history:
+        parser.error("--name is required (or --history NAME)")
     setup_logging(args.verbose)
 
     def body() -> int:
+        if args.history:
+            print(format_history(args.history, alias_history(args.history)))
+            return 0
         check_gate_args(args)
         if args.rollback:
             decision = rollback(args.name, dry_run=args.dry_run, cache_dir=args.cache_dir)

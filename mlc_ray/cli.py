@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -114,3 +115,29 @@ def run_job(fn: Callable[[], int | None]) -> int:
             message = str(exc) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return code
+    except Exception as exc:
+        denied = _access_denied(exc)
+        if denied is None:
+            raise
+        print(f"error: {denied}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _access_denied(exc: BaseException | None) -> str | None:
+    """The one-line message for an MLflow server's 401/403 (also when wrapped), else None."""
+    for _ in range(5):
+        if exc is None:
+            return None
+        code = getattr(exc, "error_code", None)
+        if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"user '{user}'" if user else "no user (MLFLOW_TRACKING_USERNAME unset)"
+            what = "refused this operation" if code == "PERMISSION_DENIED" else "did not authenticate"
+            endpoint = re.search(r"endpoint (\S+)", str(exc))
+            where = f" at {endpoint.group(1)}" if endpoint else ""
+            return (
+                f"MLflow server {what} for {who}{where} ({code}): this job's identity lacks the "
+                "permission, or its MLFLOW_TRACKING_USERNAME/PASSWORD are wrong (see mlflow/README.md)"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -22,6 +22,7 @@ version for the whole run.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -70,6 +72,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous-champion"
+PROMOTED_FROM_TAG = "promoted_from"  # on a production version copied from a staging model
 
 # pyfunc artifact key -> bundle file (mlc_ray.bundle's one list). Extra regular files in the bundle
 # are logged too (key = name).
@@ -131,6 +134,17 @@ def _sha256_file(path: Path) -> str:
 
 def _now_utc() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _acting_user() -> str:
+    """Who acts on the registry: the MLflow user when the server authenticates, else the OS user."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        return user
+    try:
+        return f"{getpass.getuser()} (local)"
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def _git_commit() -> str | None:
@@ -668,8 +682,11 @@ class PromotionDecision:
     n_errors: int = 0
     train_overlap: str = ""  # how many eval images the candidate was trained on, and how that was checked
     dry_run: bool = False
+    candidate_source: str | None = None  # models:/STAGING/VERSION when the candidate is another model's
     at: str = field(default_factory=_now_utc)
+    by: str = field(default_factory=_acting_user)
     _event_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6], repr=False)
+    _seq: int = field(default_factory=time.time_ns, repr=False)  # orders events within one second
 
     @property
     def exit_code(self) -> int:
@@ -681,8 +698,13 @@ class PromotionDecision:
             lines.append(f"rollback of '{self.name}'{' (dry run)' if self.dry_run else ''}")
         else:
             champ = f"v{self.champion_version} (champion)" if self.champion_version else "no champion yet"
+            cand = f"v{self.candidate_version}"
+            if self.candidate_source:
+                cand = self.candidate_source + (
+                    f" (copied as v{self.candidate_version})" if self.promoted and not self.dry_run else ""
+                )
             lines.append(
-                f"promotion of '{self.name}' v{self.candidate_version} vs {champ}{' (dry run)' if self.dry_run else ''}"
+                f"promotion of '{self.name}' {cand} vs {champ}{' (dry run)' if self.dry_run else ''}"
             )
             if self.eval_data:
                 lines.append(
@@ -721,7 +743,10 @@ class PromotionDecision:
             "promotion.metric": self.metric,
             "promotion.candidate_version": str(self.candidate_version or ""),
             "promotion.champion_version": str(self.champion_version or ""),
+            "promotion.by": self.by,
         }
+        if self.candidate_source:
+            tags["promotion.candidate_source"] = self.candidate_source
         if self.action == "rollback":
             tags["promotion.decision"] = "rolled-back" if self.promoted else "refused"
         if self.candidate_value is not None:
@@ -734,19 +759,21 @@ class PromotionDecision:
             tags["promotion.train_overlap"] = self.train_overlap
         # One history entry per event, so earlier decisions are not overwritten by later ones.
         history_key = f"promotion.log.{self.at.replace(':', '').replace('-', '')}.{self._event_id}"
-        tags[history_key] = json.dumps(
-            {k: tags[k] for k in tags if k not in ("promotion.at",)}, sort_keys=True, separators=(",", ":")
-        )
+        record = {k: tags[k] for k in tags if k not in ("promotion.at",)}
+        record["promotion.seq"] = str(self._seq)
+        tags[history_key] = json.dumps(record, sort_keys=True, separators=(",", ":"))
         return tags
 
 
-def _write_audit(decision: PromotionDecision, roles: Mapping[str, str | None]) -> None:
+def _write_audit(decision: PromotionDecision, roles: Mapping[str, str | tuple[str, str] | None]) -> None:
+    """``roles``: role -> version of ``decision.name``, or (model, version) for another model's."""
     client = _client()
-    for role, version in roles.items():
-        if version is None:
+    for role, where in roles.items():
+        if where is None:
             continue
+        model, version = where if isinstance(where, tuple) else (decision.name, where)
         for key, value in decision.audit_tags(role).items():
-            client.set_model_version_tag(decision.name, version, key, _clip(value))
+            client.set_model_version_tag(model, version, key, _clip(value))
 
 
 def _fetch_evidence_file(uri: str, dst: Path) -> str:
@@ -854,10 +881,22 @@ def promote(
     """
     from mlc_ray.evaluation import _read_all, evaluate_bundle
 
-    cand_mv = _get_version(
-        name, candidate if candidate.isdigit() else None, None if candidate.isdigit() else candidate
-    )
+    # A candidate ``models:/STAGING@ALIAS`` (or ``/VERSION``) lives in another registered model: the
+    # staging model training writes to, where the server lets only promotion edit ``name``. It is
+    # evaluated there and, if it wins, copied into ``name`` (copy_model_version) before @champion moves.
+    cand_model = name
+    if candidate.startswith("models:/"):
+        cand_model, ref_version, ref_alias = parse_model_uri(candidate)
+        cand_mv = _get_version(cand_model, ref_version, ref_alias)
+    else:
+        cand_mv = _get_version(
+            name, candidate if candidate.isdigit() else None, None if candidate.isdigit() else candidate
+        )
     cand_version = str(cand_mv.version)
+    cross = cand_model != name
+    cand_source = f"models:/{cand_model}/{cand_version}" if cross else None
+    if cross:
+        _require_model(name)
     aliases = _aliases(name)
     champ_version = aliases.get(CHAMPION)
     decision = PromotionDecision(
@@ -871,8 +910,16 @@ def promote(
         min_delta=min_delta,
         max_label_drop=max_label_drop,
         dry_run=dry_run,
+        candidate_source=cand_source,
     )
-    if champ_version == cand_version:
+    if cross and champ_version:
+        champ_source = (_client().get_model_version(name, champ_version).tags or {}).get(PROMOTED_FROM_TAG)
+        if champ_source == cand_source:
+            decision.reason = f"{cand_source} is already the champion (v{champ_version}); nothing to do"
+            decision.promoted = True
+            decision.candidate_version = champ_version
+            return decision
+    if not cross and champ_version == cand_version:
         decision.reason = f"v{cand_version} is already the champion; nothing to do"
         decision.promoted = True
         return decision
@@ -919,14 +966,14 @@ def promote(
         # A fresh download (not the shared cache) so what is verified is what the registry holds now.
         cache = Path(cache_dir) if cache_dir is not None else Path(tmp)
         try:
-            cand = resolve_model(f"models:/{name}/{cand_version}", cache_dir=cache)
+            cand = resolve_model(f"models:/{cand_model}/{cand_version}", cache_dir=cache)
             champ = (
                 resolve_model(f"models:/{name}/{champ_version}", cache_dir=cache) if champ_version else None
             )
         except ArtifactIntegrityError as exc:
             decision.reason = f"integrity check failed: {exc}"
             if not dry_run:
-                _write_audit(decision, {"candidate": cand_version, "champion": champ_version})
+                _write_audit(decision, {"candidate": (cand_model, cand_version), "champion": champ_version})
             raise
         cand_eval = evaluate_bundle(cand.local_dir, manifest, batch_size=batch_size, images=images)
         decision.candidate_value = cand_eval.metric(metric)
@@ -964,16 +1011,28 @@ def promote(
     if dry_run:
         return decision
     client = _client()
+    staged: dict[str, str | tuple[str, str] | None] = {}
     if decision.promoted:
+        if cross:
+            # The copy carries the staging version's tags (sha256.*, manifest, lineage) and its artifacts.
+            staged["staged-candidate"] = (cand_model, cand_version)
+            copied = client.copy_model_version(cand_source, name)
+            cand_version = decision.candidate_version = str(copied.version)
+            client.set_model_version_tag(name, cand_version, PROMOTED_FROM_TAG, cand_source)
         if champ_version:
             client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champ_version)
         client.set_registered_model_alias(name, CHAMPION, cand_version)
-        if aliases.get(CHALLENGER) == cand_version:
+        if not cross and aliases.get(CHALLENGER) == cand_version:
             client.delete_registered_model_alias(name, CHALLENGER)
         log.info(
-            "%s: champion %s -> v%s", name, f"v{champ_version}" if champ_version else "(none)", cand_version
+            "%s: champion %s -> v%s%s",
+            name,
+            f"v{champ_version}" if champ_version else "(none)",
+            cand_version,
+            f" (copied from {cand_source})" if cross else "",
         )
-    _write_audit(decision, {"candidate": cand_version, "champion": champ_version})
+    candidate_where = (cand_model, cand_version) if cross and not decision.promoted else cand_version
+    _write_audit(decision, {"candidate": candidate_where, "champion": champ_version, **staged})
     return decision
 
 

@@ -13,7 +13,10 @@ Faults:
   ``AWS_SESSION_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``): a 1-epoch ``jobs/train.py`` and a
   ``jobs/tag.py`` run; the test greps their stdout/stderr, the Ray session logs, MLflow (params,
   tags, metrics names, the database file, artifacts), training storage (checkpoints, bundle) and
-  the tag table (decoded rows and every object under the output) for the canary values.
+  the tag table (decoded rows and every object under the output) for the canary values;
+* the same on an authenticating server (``mlflow server --app-name basic-auth``): canary passwords
+  for the admin and the training / promotion / tagging identities, each job run as its own
+  identity (one refused by the server), then the logs, the server's stores and the table grepped.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from mlc_ray import storage
 from tests.chaos import support
 from tests.chaos.support import MODEL_NAME
 from tests.conftest import REPO_ROOT
+from tests.integration import test_registry as _registry
 from tests.integration.test_tagging import read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 BUCKET = "chaos-security"
+color_data = _registry.color_data  # the colour data set (labelled JPEGs + manifest), as a fixture
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -277,3 +282,104 @@ def test_canary_secrets_never_reach_logs_mlflow_or_the_table(
     )
     assert (counts.rows, counts.duplicates, counts.missing) == (len(uris), 0, 0)
     assert leaks == [], leaks
+
+
+@pytest.mark.timeout(600)  # a server, a registration, four job processes and a Ray tagging run
+def test_registry_passwords_never_leak_on_an_authenticating_server(
+    s3_server, chaos_ray, fault_proxy, color_data, tmp_path: Path
+) -> None:
+    """The same hunt on ``mlflow server --app-name basic-auth``: canary passwords for the admin and
+    all three job identities, each job run as its own identity (provisioning, register, promote,
+    a refused promotion, --history, tag), then every log, MLflow store and the tag table grepped."""
+    import boto3
+    import mlflow
+    import ray
+    from mlflow import MlflowClient
+
+    from mlc_ray.registry import register_bundle
+    from tests.integration.test_mlflow_auth import AuthServer, identity
+    from tests.integration.test_registry import GOOD, build_color_bundle
+
+    canary = {
+        role: f"CANARY{role}{uuid.uuid4().hex}" for role in ("admin", "training", "promotion", "tagging")
+    }
+    needles = list(canary.values())
+    name = f"canary-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "server").mkdir()
+    server = AuthServer(tmp_path / "server", admin_password=canary["admin"])
+    users = {"training": "mlc-training", "promotion": "mlc-promotion", "tagging": "mlc-tagging"}
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    base_env.update(
+        {
+            "PYTHONPATH": path,
+            "MLFLOW_TRACKING_URI": server.uri,
+            "MLC_RAY_MODEL_CACHE": str(tmp_path / "cache"),
+        }
+    )
+    jobs = REPO_ROOT / "jobs"
+    work = tmp_path / "work"
+    work.mkdir()
+    procs: dict[str, subprocess.CompletedProcess] = {}
+
+    def run(label: str, role: str, args: list[str], expect: int, timeout: int = 150) -> None:
+        user = "admin" if role == "admin" else users[role]
+        env = {**base_env, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": canary[role]}
+        if role == "admin":
+            env.update({f"MLC_RAY_{r.upper()}_PASSWORD": canary[r] for r in users})
+        proc = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == expect, (label, proc.stdout[-2000:], proc.stderr[-3000:])
+        procs[label] = proc
+
+    try:
+        run("provision", "admin", [sys.executable, str(jobs / "registry_users.py"), "--model", name], 0)
+        with identity(users["training"], canary["training"]):
+            mlflow.set_tracking_uri(server.uri)
+            bundle = build_color_bundle(tmp_path / "bundle", GOOD)
+            register_bundle(bundle, f"{name}-staging", tags={"manifest_uri": color_data})
+        promote = [sys.executable, str(jobs / "promote.py"), "-v", "--name", name, "--eval-data", color_data,
+                   "--candidate", f"models:/{name}-staging@challenger"]  # fmt: skip
+        run("promote as tagging (refused by the server)", "tagging", promote, 2)
+        run("promote", "promotion", promote, 0)
+        run("history", "tagging", [sys.executable, str(jobs / "promote.py"), "--history", name], 0)
+        boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=f"{BUCKET}-auth")
+        storage.reset_clients()
+        uris = sorted(upload_images(f"{BUCKET}-auth", "in", 8, with_bad=False))
+        output = f"s3://{BUCKET}-auth/tags"
+        driver = [sys.executable, "-m", "tests.chaos.driver", "--ray-address", chaos_ray,
+                  "--worker-env", f"AWS_ENDPOINT_URL={fault_proxy.endpoint}"]  # fmt: skip
+        run("tag", "tagging", [*driver, "--", "-v", "--model", f"models:/{name}@champion", "--input",
+            f"s3://{BUCKET}-auth/in/", "--output", output, "--shard-size", "4", "--actors", "1",
+            "--threads-per-actor", "1"], 0)  # fmt: skip
+
+        assert (
+            "refused this operation for user 'mlc-tagging'"
+            in procs["promote as tagging (refused by the server)"].stderr
+        )
+        leaks: list[str] = []
+        for label, proc in procs.items():
+            leaks += [f"{label} stdout/stderr" for n in needles if n in proc.stdout + proc.stderr]
+        with identity("admin", canary["admin"]):
+            client = MlflowClient(server.uri)
+            runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+            assert runs and any(r.data.tags for r in runs)
+            for r in runs:
+                text = repr(r.data.params) + repr(r.data.tags) + repr(list(r.data.metrics))
+                leaks += [f"mlflow run {r.info.run_id} params/tags" for n in needles if n in text]
+            for model in (name, f"{name}-staging"):
+                for mv in client.search_model_versions(f"name='{model}'"):
+                    leaks += [f"{model} v{mv.version} tags" for n in needles if n in repr(mv.tags)]
+                    assert mv.tags.get("promotion.by") in (None, "mlc-promotion")  # who, never how
+        # the server's log, its metadata DB, the auth DB (hashes only), artifacts, bundles, caches
+        leaks += _grep(tmp_path, needles)
+        session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+        leaks += _grep(session / "logs", needles)
+        table = read_table(output)
+        assert sorted(table.column("image_uri").to_pylist()) == uris
+        leaks += ["tag table rows" for n in needles if n in repr(table.to_pylist())]
+        for info in storage.iter_objects(output):
+            leaks += [info.uri for n in needles if n.encode() in storage.read_bytes(info.uri)]
+        assert leaks == [], leaks
+    finally:
+        server.server.stop()
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))

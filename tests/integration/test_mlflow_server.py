@@ -78,3 +78,86 @@ def test_folder_has_no_python_and_readme_shows_tracking_uri() -> None:
         "--artifacts-destination",
     ):
         assert needle in readme
+
+
+# ---------------------------------------------------------------------------------------------- image, auth
+
+
+def _dockerfile() -> tuple[str, dict[str, str]]:
+    text = (MLFLOW_DIR / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    return text, args
+
+
+def test_server_image_is_built_from_a_pinned_dockerfile(compose: dict) -> None:
+    service = compose["services"]["mlflow"]
+    assert service["build"]["context"] == "." and service["build"]["dockerfile"] == "Dockerfile"
+    assert (MLFLOW_DIR / service["build"]["dockerfile"]).is_file()
+    # Nothing is installed when a container starts: no pip in any service's command or entrypoint.
+    for name, svc in compose["services"].items():
+        for key in ("entrypoint", "command"):
+            assert "pip" not in str(svc.get(key, "")), f"{name}.{key} installs at start"
+    text, args = _dockerfile()
+    base = re.search(r"^FROM (\S+)", text, re.MULTILINE).group(1)
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base  # a full version, never :latest
+    run = next(line for line in text.replace("\\\n", " ").splitlines() if "pip install" in line)
+    pins = dict(re.findall(r'"([\w\-\[\]]+)==\$\{(\w+)\}"', run))
+    assert set(pins) == {"mlflow[auth]", "psycopg2-binary", "boto3", "Flask-WTF"}, pins
+    for package, arg in pins.items():
+        assert re.fullmatch(r"\d+(\.\d+)+", args[arg]), (package, args.get(arg))  # an exact version
+    assert re.fullmatch(r"3\.17\.\d+", args["MLFLOW_VERSION"])
+    assert service["image"].endswith(":" + args["MLFLOW_VERSION"])
+    assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE)
+
+
+def test_auth_app_is_on_with_its_secrets_from_the_env_file(compose: dict) -> None:
+    import configparser
+
+    service = compose["services"]["mlflow"]
+    assert "--app-name basic-auth" in service["entrypoint"]
+    env = service["environment"]
+    for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert re.fullmatch(rf"\$\{{{key}:\?[^}}]+\}}", env[key]), (key, env[key])  # required, from .env
+    # The config file the server reads is the one the image holds, and its auth DB is on a volume.
+    text, _ = _dockerfile()
+    copied = re.search(r"^COPY basic_auth\.ini (\S+)$", text, re.MULTILINE).group(1)
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == copied
+    ini = configparser.ConfigParser()
+    ini.read(MLFLOW_DIR / "basic_auth.ini")
+    auth = ini["mlflow"]
+    assert auth["default_permission"] == "READ"
+    assert not [key for key in auth if "password" in key], list(auth)  # the admin comes from .env
+    db_dir = auth["database_uri"].removeprefix("sqlite:///").rsplit("/", 1)[0]
+    assert any(v.split(":")[1].split()[0] == db_dir for v in service["volumes"]), service["volumes"]
+    assert db_dir.split("/")[1] in str(compose["volumes"]) or "mlflow-auth" in compose["volumes"]
+
+
+def test_mlflow_floor_is_above_the_registry_cves() -> None:
+    from importlib import metadata
+
+    text = (REPO_ROOT / "pyproject.toml").read_text()
+    floor = re.search(r'"mlflow>=(\d+)\.(\d+)', text)
+    assert floor and (int(floor.group(1)), int(floor.group(2))) >= (3, 11), floor  # CVE-2026-4137: 3.11.0
+    assert "CVE-2026-2614" in text and "CVE-2026-4137" in text  # the reason is written beside it
+    installed = tuple(int(p) for p in metadata.version("mlflow").split(".")[:2])
+    assert installed >= (3, 11)
+    _, args = _dockerfile()
+    assert tuple(int(p) for p in args["MLFLOW_VERSION"].split(".")[:2]) >= (3, 11)
+
+
+def test_readme_shows_identities_and_the_residual_risk() -> None:
+    readme = (MLFLOW_DIR / "README.md").read_text()
+    for needle in (
+        "--app-name basic-auth",
+        "jobs/registry_users.py",
+        "AuthServiceClient",
+        "copy_model_version",
+        "Residual risk",
+        "secretKeyRef",
+        "kubectl create secret",
+        "--history",
+    ):
+        assert needle in readme, needle
+    # Every password in the README is a placeholder or comes from a variable.
+    for match in re.finditer(r"PASSWORD=(\S+)", readme):
+        assert match.group(1).startswith(("...", '"$', "$")), match.group(0)

@@ -36,9 +36,13 @@ BAD = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]  # inverted: wrong on every label
 
 
 class MlflowServer:
-    """``mlflow server`` in its own process: sqlite metadata, proxied local artifact root."""
+    """``mlflow server`` in its own process: sqlite metadata, proxied local artifact root.
 
-    def __init__(self, root: Path) -> None:
+    ``app_name="basic-auth"`` runs MLflow's authentication app (its config file and admin come
+    from ``env``: MLFLOW_AUTH_CONFIG_PATH, MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD).
+    """
+
+    def __init__(self, root: Path, *, app_name: str | None = None, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -61,10 +65,12 @@ class MlflowServer:
                 str(self.port),
                 "--workers",
                 "1",
+                *(["--app-name", app_name] if app_name else []),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=root,
+            env={**os.environ, **(env or {})},
         )
         wait_for_port(self.port, timeout=120, proc=self.proc)
         self._wait_healthy()
