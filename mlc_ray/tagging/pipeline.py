@@ -790,7 +790,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         preprocess=preprocess,
         input_uri=input_uri,
         output_uri=cfg.output,
-        **({"tag_options": options.to_dict()} if options.to_dict() else {}),
+        tag_options=options.to_dict(),
     )
     run_id = cfg.run_id or default_run_id(settings)
     if cfg.incremental and cfg.run_id is None:

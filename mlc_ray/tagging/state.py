@@ -56,10 +56,15 @@ def row_affecting_settings(
     preprocess: Mapping[str, Any],
     input_uri: str,
     output_uri: str,
+    tag_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Every setting that changes what a row holds: the run identity. ``options`` are the tag-time
-    options (e.g. TTA) that change scores; add each new one here, by keyword, JSON-serialisable."""
+    """Every setting that changes what a row holds: the run identity. ``tag_options`` are the
+    tag-time options (``TagOptions.to_dict()``: min score, top-k, label subsets), kept out of the
+    identity when none is given so that runs started before they existed still resume; ``options``
+    are any other setting that changes scores; add each new one here, by keyword, JSON-serialisable."""
+    if tag_options:
+        options["tag_options"] = dict(tag_options)
     return {
         "model": model_pinned,
         "thresholds_sha256": thresholds_sha256,

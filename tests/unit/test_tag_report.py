@@ -24,7 +24,7 @@ from mlc_ray.tagging.report import (
     shard_label_stats,
     uri_hash01,
 )
-from mlc_ray.tagging.state import default_run_id
+from mlc_ray.tagging.state import default_run_id, row_affecting_settings
 from mlc_ray.tagging.table import Provenance, tag_rows
 
 LABELS = ["cat", "dog", "car", "tree"]
@@ -64,10 +64,17 @@ def test_options_validation_and_unknown_labels() -> None:
 
 
 def test_options_are_part_of_the_run_identity_and_the_rows() -> None:
-    base = default_run_id("models:/m/3", "s3://b/in", "s3://b/out")
-    assert base == default_run_id("models:/m/3", "s3://b/in", "s3://b/out", TagOptions().to_dict())
-    a = default_run_id("models:/m/3", "s3://b/in", "s3://b/out", TagOptions(top_k=3).to_dict())
-    b = default_run_id("models:/m/3", "s3://b/in", "s3://b/out", TagOptions(top_k=2).to_dict())
+    def run_id(options: TagOptions | None = None) -> str:
+        settings = row_affecting_settings(
+            model_pinned="models:/m/3", thresholds_sha256="t", backend="onnxruntime", precision="fp32",
+            preprocess={"image_size": 96}, input_uri="s3://b/in", output_uri="s3://b/out",
+            tag_options=None if options is None else options.to_dict(),
+        )  # fmt: skip
+        return default_run_id(settings)
+
+    base = run_id()
+    assert base == run_id(TagOptions())  # no option given: the same run as before options existed
+    a, b = run_id(TagOptions(top_k=3)), run_id(TagOptions(top_k=2))
     assert len({base, a, b}) == 3
     opts = TagOptions(min_score=0.3, labels="dog,cat")
     assert json.loads(opts.to_json()) == {"min_score": 0.3, "labels": ["dog", "cat"]}
