@@ -68,6 +68,9 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("mlc_ray").setLevel(level)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():
+        # MLflow's artifact download bar is `\r` fragments in a captured log (ray job logs, cron)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
