@@ -35,6 +35,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(getattr(pytest.mark, tier))
 
 
+_MLFLOW_EXPERIMENT_AT_START = {"MLFLOW_EXPERIMENT_ID": os.environ.get("MLFLOW_EXPERIMENT_ID")}
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_state_between_tests() -> Iterator[None]:
+    """MLflow's fluent API keeps the tracking URI, the active experiment and the run stack in module
+    globals and mirrors them into MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID: a test that sets them
+    (a job, the mlflow_sqlite fixture) must not hand them to the next one (seen: a stale experiment id
+    looked up in a fresh database; a run started in one test's database and tagged in another's)."""
+    # the tracking URI a session/module fixture set stays; the experiment never outlives a test
+    saved = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI"), **_MLFLOW_EXPERIMENT_AT_START}
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return
+    from mlflow.tracking import fluent
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # forget the URI (this also unsets the env var it mirrored)
+    fluent._active_experiment_id = None
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -632,6 +632,10 @@ def run_mining_pipeline(cfg: Any) -> Any:
     holdout_uri = storage.join(work, "holdout_manifest.csv")
     holdout.write(holdout_uri, write_labels_file=False)
 
+    from mlc_ray.train.tracking import resolve_tracking_uri
+
+    # the parent run and every stage's run in the same store (each stage resolves it the same way)
+    mlflow.set_tracking_uri(resolve_tracking_uri())
     experiment = getattr(cfg, "experiment", None)
     if experiment:
         mlflow.set_experiment(experiment)

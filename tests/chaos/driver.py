@@ -67,20 +67,21 @@ def install_kill(point: str, n: int) -> None:
             return uri
 
         def add(self, part):  # type: ignore[no-untyped-def]
-            real_add(self, part)
+            result = real_add(self, part)
             if not self.complete and committed["n"] >= n:
                 _die(
                     f"mid-shard (shard {self.shard.index}: {int(self.seen.sum())}/{len(self.shard)} rows in, "
                     f"{committed['n']} shard(s) committed)"
                 )
+            return result
 
         pipeline._ShardBuffer.add = add
         table.TagTableWriter.commit = counting_commit
     elif point == "commit":
         real_client = storage.s3_client
 
-        def s3_client():  # type: ignore[no-untyped-def]
-            client = real_client()
+        def s3_client(*args, **kwargs):  # type: ignore[no-untyped-def]
+            client = real_client(*args, **kwargs)
             if not getattr(client, "_chaos_copy", False):
                 real_copy = client.copy
 

@@ -165,7 +165,8 @@ def test_every_torch_load_in_the_library_is_weights_only() -> None:
                         isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
                     )
                     calls.append((f"{path.relative_to(REPO_ROOT)}:{node.lineno}", safe))
-    assert len(calls) >= 5, calls  # the loaders are where we think they are
+    # the loaders are where we think they are: the bundle, the model registry, the worker, the runner
+    assert len(calls) >= 4, calls
     assert [c for c, safe in calls if not safe] == []
 
 

@@ -122,6 +122,8 @@ def test_bad_value_is_one_error_line_exit_2_nothing_written(
 ) -> None:  # fmt: skip
     import ray
 
+    if ray.is_initialized():  # left by an earlier test: only a Ray this job starts counts below
+        ray.shutdown()
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
