@@ -187,6 +187,8 @@ def test_a_label_that_vanishes_is_flagged_and_exits_3_after_every_row(demo_run, 
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-4000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: drift:")]
+    # labels that co-occur with it may move too (removing every `red` image takes a share of the
+    # squares with it): the contract is that the removed label is flagged
     assert len(error_lines) == 1 and f"{label} " in error_lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "ALERT" in proc.stdout  # the summary table came first
@@ -194,7 +196,7 @@ def test_a_label_that_vanishes_is_flagged_and_exits_3_after_every_row(demo_run, 
     assert table.num_rows == len(kept)  # every row committed before the exit
     (run,) = list((out_dir / "_runs").iterdir())
     doc = json.loads((run / "report" / "report.json").read_text())
-    assert doc["drift_alerts"] == [label]
+    assert label in doc["drift_alerts"], doc["drift_alerts"]
     assert (run / "summary.json").exists()
 
 
