@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlc_ray.cli import UserError
+from mlc_ray.errors import UserError
 
 __all__ = [
     "ARTIFACT_FILES",

@@ -18,6 +18,9 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+# Re-exported: job scripts and tests import the errors from here too.
+from mlc_ray.errors import EXIT_USER_ERROR, USER_ERROR_TYPES, JobError, UserError
+
 __all__ = [
     "ArgumentParser",
     "JobError",
@@ -28,22 +31,7 @@ __all__ = [
     "run_job",
 ]
 
-EXIT_USER_ERROR = 2
 log = logging.getLogger("mlc_ray")
-
-
-class UserError(Exception):
-    """Something the user can fix (wrong URI, missing bucket, unknown alias, ...). Message is shown as is."""
-
-    exit_code = EXIT_USER_ERROR
-
-
-class JobError(UserError):
-    """A job-level failure with its own exit code (e.g. error rate above --max-error-rate)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -89,19 +77,6 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     ray.init(address=address, log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from mlc_ray.config import ConfigError
-
-    types: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError, PermissionError]
-    try:
-        from mlc_ray.data.manifest import ManifestError
-
-        types.append(ManifestError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
 def run_job(fn: Callable[[], int | None]) -> int:
     """Run a job body; user errors become one line on stderr and a non-zero exit code."""
     try:
@@ -110,7 +85,7 @@ def run_job(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except _user_error_types() as exc:
+    except USER_ERROR_TYPES as exc:
         code = getattr(exc, "exit_code", EXIT_USER_ERROR)
         if isinstance(exc, FileNotFoundError) and exc.filename:
             message = f"{exc.filename} does not exist"

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mlc_ray.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "load_config",
@@ -29,10 +31,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration the user can fix: unknown key, wrong type, out-of-range value."""
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mlc_ray.cli import UserError
+from mlc_ray.errors import UserError
 
 __all__ = ["BundleScorer", "EvalResult", "evaluate_bundle"]
 
@@ -163,7 +163,7 @@ def evaluate_bundle(
     ``images`` may pass the already-read bytes of ``manifest.images`` so that comparing two
     versions reads the data once.
     """
-    from mlc_ray.train.metrics import compute_metrics
+    from mlc_ray.metrics import compute_metrics
 
     if isinstance(manifest, str | os.PathLike):
         from mlc_ray.data.manifest import load_manifest

@@ -46,7 +46,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from mlc_ray import bundle as bundle_layout
-from mlc_ray.cli import UserError
+from mlc_ray.errors import UserError
 
 __all__ = [
     "ARTIFACT_FILES",

@@ -32,7 +32,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mlc_ray.cli import UserError
+from mlc_ray.errors import UserError
 
 __all__ = ["ROLES", "JobIdentity", "main", "provision_identities", "staging_name"]
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlc_ray.cli import JobError, UserError
 from mlc_ray.data.images import DEFAULT_MAX_PIXELS
 from mlc_ray.data.manifest import IMAGE_EXTENSIONS, Manifest, load_manifest
+from mlc_ray.errors import JobError, UserError
 
 __all__ = [
     "ScanConfig",

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from mlc_ray.cli import UserError
+from mlc_ray.errors import UserError
 
 if TYPE_CHECKING:
     import pyarrow.fs

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from mlc_ray.errors import ManifestError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -52,10 +54,6 @@ _CSV_EXT = (".csv",)
 _JSONL_EXT = (".jsonl", ".ndjson")
 _PARQUET_EXT = (".parquet", ".pq")
 _JSON_EXT = (".json",)
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file, the row and the fix."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 
 from mlc_ray.bundle import EXPORT_FILES as FORMAT_FILES  # the bundle's one file list
 from mlc_ray.bundle import SHA256_MANIFEST
+from mlc_ray.errors import ExportError
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportReport", "FormatResult", "export_bundle"]
 
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("onnx", "int8", "ncnn")
 
 PARITY_IMAGES = 32  # images used for the parity checks (validation images when given)
-
-
-class ExportError(RuntimeError):
-    """An export step failed (converter error, parity failure); the message says which and why."""
 
 
 @dataclass

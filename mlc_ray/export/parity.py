@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mlc_ray.export import ExportError
+from mlc_ray.errors import ExportError
 
 __all__ = [
     "TOLERANCE",

@@ -205,7 +205,7 @@ def int8_accuracy_gate(
 
     ``thresholds``: a ``Thresholds`` (its labels name the worst label), an (L,) array or one float.
     """
-    from mlc_ray.train.metrics import compute_metrics
+    from mlc_ray.metrics import compute_metrics
 
     fp32_scores = np.asarray(fp32_scores, dtype=np.float64)
     int8_scores = np.asarray(int8_scores, dtype=np.float64)

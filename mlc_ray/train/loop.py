@@ -150,9 +150,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from mlc_ray.cli import setup_logging
     from mlc_ray.data.images import PreprocessConfig
+    from mlc_ray.metrics import compute_metrics, scalar_metrics
     from mlc_ray.models import build_tagger
     from mlc_ray.train.losses import build_loss
-    from mlc_ray.train.metrics import compute_metrics, scalar_metrics
     from mlc_ray.train.step import (
         amp_dtype_for,
         autocast,

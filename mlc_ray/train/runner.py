@@ -82,7 +82,7 @@ class TrainResult:
 
     def summary(self) -> str:
         """The table the job prints: per-label AP/F1, averages at 0.5 and calibrated, speed, run id."""
-        from mlc_ray.train.metrics import format_metrics_table
+        from mlc_ray.metrics import format_metrics_table
 
         m05, mcal = self.metrics_at_05, self.metrics
         lines = [
@@ -251,6 +251,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from mlc_ray.config import config_to_yaml
     from mlc_ray.data.demo import ensure_demo_data
     from mlc_ray.data.manifest import label_statistics
+    from mlc_ray.metrics import compute_metrics, jsonable_metrics, scalar_metrics
     from mlc_ray.models import build_tagger, model_spec
     from mlc_ray.progress import quiet_ray_progress
     from mlc_ray.tagging.report import expected_label_rates
@@ -259,7 +260,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from mlc_ray.train.fingerprint import check_run_fingerprint, run_fingerprint
     from mlc_ray.train.loop import train_loop_per_worker
     from mlc_ray.train.losses import pos_weight_from_frequency
-    from mlc_ray.train.metrics import compute_metrics, jsonable_metrics, scalar_metrics
 
     t_start = time.perf_counter()
     if cfg.data is None:
@@ -553,7 +553,7 @@ def _evaluate_10crop(bundle_dir: str, val: Any, labels: list[str], cfg: TrainCon
     scores. Evaluation only: tagging scores one view, and thresholds.json is fitted on single-view
     scores, so nothing here changes what ships."""
     from mlc_ray.calibrate import cross_fit_thresholds
-    from mlc_ray.train.metrics import compute_metrics
+    from mlc_ray.metrics import compute_metrics
     from mlc_ray.train.scoring import score_manifest
 
     scored = score_manifest(bundle_dir, val, tta="10crop")

@@ -1,4 +1,4 @@
-"""mlc_ray.train.metrics against scikit-learn on the same inputs (to 1e-6)."""
+"""mlc_ray.metrics (the scikit-learn wrapper) against scikit-learn on the same inputs (to 1e-6)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, precision_recall_fscore_support
 
-from mlc_ray.train.metrics import (
+from mlc_ray.metrics import (
     average_precision,
     combination_accuracy,
     compute_metrics,
@@ -86,15 +86,6 @@ def test_average_precision_ties_and_tiny_cases() -> None:
     for s, y in cases:
         got = average_precision(s[:, None], y[:, None])[0]
         assert got == pytest.approx(average_precision_score(y, s), abs=TOL)
-
-
-def test_ap_chunking_matches_unchunked(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlc_ray.train.metrics as m
-
-    scores, targets = _random_case(7, n=200, n_labels=13, ties=True)
-    whole = average_precision(scores, targets)
-    monkeypatch.setattr(m, "_AP_CHUNK_ELEMENTS", 200 * 3)  # 3 labels per chunk, ragged last chunk
-    np.testing.assert_allclose(average_precision(scores, targets), whole, rtol=0, atol=1e-12)
 
 
 def test_combination_and_subset_accuracy_by_hand() -> None:
