@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from mlc_ray.train.config import load_train_config
-        from mlc_ray.train.runner import run_train_job
+        from mlc_ray.train.job import run_train_job
 
         cfg = load_train_config(args.config, overrides_from_args(args))
         result = run_train_job(cfg)

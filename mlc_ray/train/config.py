@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 
 from mlc_ray.data.images import AugmentConfig
-from mlc_ray.train.mining import MiningConfig
 
 __all__ = [
     "TrainConfig",
@@ -71,6 +70,64 @@ DEMO_PRESET: dict = {
     "calibration": "f1_max",
     "storage_path": "./runs",
 }
+
+
+@dataclass
+class MiningConfig:
+    """The ``mining:`` section of the training config (``jobs/train.py --mine`` sets ``enabled``)."""
+
+    enabled: bool = False  # run base -> score -> mine -> fine-tune instead of one training
+    strategy: str = "top_k"  # "top_k" (k hardest per label) or "band" (scores inside the confidence band)
+    top_k: int = 64  # per label: this many hard positives and this many hard negatives (strategy top_k)
+    band_low: float = 0.2  # strategy band: a negative scoring above this is hard
+    band_high: float = 0.8  # strategy band: a positive scoring below this is hard
+    include_misclassified: bool = True  # every sample with a label on the wrong side of its threshold
+    rare_combination_max_frequency: float = (
+        0.05  # label sets rarer than this (fraction < 1, or count) are all kept
+    )
+    per_label_cap: int = 30000  # at most this many hard positives+negatives per label (seed 000: 30000)
+    replay_fraction: float = 0.3  # share of the not-picked (easy) training samples replayed at random
+    seed: int = 0  # replay sampling
+    fine_tune_epochs: int = 5  # epochs of stage (c)
+    fine_tune_lr: float | None = None  # learning rate of stage (c); None = the base run's lr / 5
+    score_batch_size: int = 64  # stage (b) batch size
+    tta: str = "none"  # stage (b) test-time augmentation: "none" or "10crop"
+    report_combinations: int = 5  # how many of the rarest label combinations the report lists
+    control: bool = True  # also fine-tune on a random subset of the mined set's size (the control)
+    holdout_fraction: float = 0.5  # share of the val split held out for the report (no stage sees it)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("top_k", "band"):
+            raise ValueError(f"mining.strategy must be 'top_k' or 'band', got '{self.strategy}'")
+        if self.top_k < 0:
+            raise ValueError(f"mining.top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.band_low <= 1.0 or not 0.0 <= self.band_high <= 1.0:
+            raise ValueError(
+                f"mining.band_low/band_high must be in [0, 1], got {self.band_low}, {self.band_high}"
+            )
+        if self.rare_combination_max_frequency < 0:
+            raise ValueError(
+                f"mining.rare_combination_max_frequency must be >= 0 (0 turns the rule off), "
+                f"got {self.rare_combination_max_frequency}"
+            )
+        if self.per_label_cap < 1:
+            raise ValueError(f"mining.per_label_cap must be >= 1, got {self.per_label_cap}")
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            raise ValueError(f"mining.replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        if self.fine_tune_epochs < 1:
+            raise ValueError(f"mining.fine_tune_epochs must be >= 1, got {self.fine_tune_epochs}")
+        if self.fine_tune_lr is not None and self.fine_tune_lr <= 0:
+            raise ValueError(
+                f"mining.fine_tune_lr must be > 0 (or null for base lr / 5), got {self.fine_tune_lr}"
+            )
+        if self.score_batch_size < 1:
+            raise ValueError(f"mining.score_batch_size must be >= 1, got {self.score_batch_size}")
+        if self.tta not in ("none", "10crop"):
+            raise ValueError(f"mining.tta must be 'none' or '10crop', got '{self.tta}'")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"mining.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.report_combinations < 1:
+            raise ValueError(f"mining.report_combinations must be >= 1, got {self.report_combinations}")
 
 
 @dataclass

@@ -16,8 +16,9 @@ import pytest
 
 from mlc_ray.data.demo import generate_demo
 from mlc_ray.train.config import TrainConfig
+from mlc_ray.train.job import run_train_job
 from mlc_ray.train.mining import MiningConfig
-from mlc_ray.train.runner import TrainResult, run_train_job
+from mlc_ray.train.runner import TrainResult
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

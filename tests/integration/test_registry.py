@@ -421,7 +421,7 @@ def test_trained_model_end_to_end_through_the_server(
     from mlc_ray.data.demo import generate_demo
     from mlc_ray.registry import promote
     from mlc_ray.train.config import TrainConfig
-    from mlc_ray.train.runner import run_train_job
+    from mlc_ray.train.job import run_train_job
 
     data = generate_demo(str(tmp_path / "demo"), seed=4, num_train=64, num_val=16, image_size=32)
     cfg = TrainConfig(
