@@ -37,8 +37,8 @@ def run_train_job(cfg: TrainConfig) -> TrainResult:
 
 def _export_and_register(cfg: TrainConfig, result: TrainResult) -> None:
     from mlc_ray.export import export_bundle
+    from mlc_ray.provenance import command_line
     from mlc_ray.registry import TrainingEvidence, register_bundle
-    from mlc_ray.train.tracking import command_line
 
     calibration, val_images, val_targets = _export_inputs(result)
     export_bundle(  # logs its own report (parity per format, the int8 gate)

@@ -253,6 +253,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from mlc_ray.metrics import compute_metrics, jsonable_metrics, scalar_metrics
     from mlc_ray.models import build_tagger, model_spec
     from mlc_ray.progress import quiet_ray_progress
+    from mlc_ray.provenance import command_line, git_commit
     from mlc_ray.tagging.report import expected_label_rates
     from mlc_ray.train import tracking
     from mlc_ray.train.data import BadImageLog, ValShardingConfig, build_dataset, load_train_val
@@ -305,9 +306,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         "mlc_ray.storage_path": cfg.run_dir,
         "manifest_sha256": data.train.sha256,
         "manifest_uri": data.source,
-        "command_line": tracking.command_line(),
+        "command_line": command_line(),
     }
-    commit = tracking.git_commit()
+    commit = git_commit()
     if commit:
         tags["git_commit"] = commit
 

@@ -13,11 +13,10 @@ Artifacts (driver, after training): ``config.yaml`` (resolved config), ``label_d
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +26,6 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "EpochLogger",
     "flatten_params",
-    "git_commit",
     "label_distribution_png",
     "pr_curves_png",
     "per_label_table",
@@ -48,25 +46,6 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + os.path.abspath(uri[len(prefix) :])
     return uri
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty`` when it has changes), or None outside git."""
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -129,10 +108,6 @@ class EpochLogger:
             self.client.log_batch(self.run_id, metrics=entries)
         except Exception as exc:  # tracking must never kill a training run
             log.warning("MLflow logging of epoch %d failed: %s", step, exc)
-
-
-def command_line() -> str:
-    return " ".join([os.path.basename(sys.executable), *sys.argv])
 
 
 def _png(fig: Any) -> bytes:
@@ -228,10 +203,10 @@ def per_label_table(
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "" if not np.isfinite(v) else f"{v:.4f}"
-        text = str(v)
-        return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+        return str(v)
 
-    csv = "\n".join([",".join(header), *(",".join(cell(v) for v in r) for r in rows)]) + "\n"
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *([cell(v) for v in r] for r in rows)])
     md_lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md_lines += ["| " + " | ".join(cell(v).strip('"') or "n/a" for v in r) + " |" for r in rows]
-    return csv, "\n".join(md_lines) + "\n"
+    md_lines += ["| " + " | ".join(cell(v) or "n/a" for v in r) + " |" for r in rows]
+    return buf.getvalue(), "\n".join(md_lines) + "\n"

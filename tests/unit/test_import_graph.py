@@ -21,7 +21,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "mlc_ray"
 # gets a layer here, on purpose).
 LAYERS: list[tuple[str, list[str]]] = [
     # errors, the URI layer, typed configs, the metric wrapper, console progress
-    ("foundation", ["errors", "progress", "storage", "config", "metrics"]),
+    ("foundation", ["errors", "progress", "provenance", "storage", "config", "metrics"]),
     # what jobs share: argparse, logging, Ray start-up, errors -> exit codes (storage knows nothing of it)
     ("job runtime", ["cli"]),
     # data model and formats, decode/preprocess, the model zoo, threshold calibration
