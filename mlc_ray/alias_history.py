@@ -87,9 +87,9 @@ def alias_history(name: str) -> list[AliasMove]:
     """Every recorded decision about ``champion`` on ``name``, newest first (dry runs record none)."""
     from mlflow import MlflowClient
 
-    from mlc_ray.registry import _require_model
+    from mlc_ray.registry import require_model
 
-    _require_model(name)
+    require_model(name)
     records: dict[str, dict[str, Any]] = {}
     for mv in _versions(MlflowClient(), name):
         for key, value in (mv.tags or {}).items():

@@ -21,7 +21,7 @@ import numpy as np
 
 from mlc_ray.errors import UserError
 
-__all__ = ["BundleScorer", "EvalResult", "evaluate_bundle"]
+__all__ = ["BundleScorer", "EvalResult", "evaluate_bundle", "read_images"]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def _targets_for(manifest: Any, labels: list[str], where: str) -> np.ndarray:
     return multi_hot[:, [vocab.index(x) for x in labels]]
 
 
-def _read_all(uris: Sequence[str]) -> list[bytes | None]:
+def read_images(uris: Sequence[str]) -> list[bytes | None]:
+    """The bytes of each URI (8 reads at a time), None for one that cannot be read (logged)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from mlc_ray import storage
@@ -176,7 +177,7 @@ def evaluate_bundle(
     targets = _targets_for(manifest, scorer.labels, str(local_dir))
     thresholds = scorer.bundle.threshold_values()
     if images is None:
-        images = _read_all(manifest.images)
+        images = read_images(manifest.images)
     scores, errors = scorer.score_bytes(images, batch_size=batch_size)
     ok = np.array([e is None for e in errors], dtype=bool)
     failed = [(manifest.images[i], errors[i] or "") for i in np.flatnonzero(~ok)]

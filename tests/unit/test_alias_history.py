@@ -1,7 +1,7 @@
 """The champion history from the promotion.log.* audit records, on a real MLflow (sqlite) registry.
 
 The decisions are PromotionDecision records written the way promote()/rollback() write them
-(``_write_audit``); evaluation is not involved (tests/integration/test_alias_history.py runs the
+(``write_audit``); evaluation is not involved (tests/integration/test_alias_history.py runs the
 jobs end to end). Events of the same second keep their order, and an event tagged on two versions,
 or copied along with a version's tags, is one entry.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from mlc_ray.alias_history import alias_history, format_history
-from mlc_ray.registry import PromotionDecision, _write_audit
+from mlc_ray.registry import PromotionDecision, write_audit
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -33,7 +33,7 @@ def versions(mlflow_sqlite: str) -> list[str]:
 
 def _decide(**kw) -> None:
     decision = PromotionDecision(name="hist", metric="macro_f1", eval_data="m.csv [auto]", **kw)
-    _write_audit(decision, {"candidate": kw["candidate_version"], "champion": kw["champion_version"]})
+    write_audit(decision, {"candidate": kw["candidate_version"], "champion": kw["champion_version"]})
 
 
 def test_history_lists_each_event_once_newest_first(versions: list[str], monkeypatch) -> None:

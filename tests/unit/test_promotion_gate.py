@@ -1,0 +1,61 @@
+"""The promotion gate as a pure function of two evaluations (no MLflow, no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlc_ray.cli import UserError
+from mlc_ray.evaluation import EvalResult
+from mlc_ray.registry import promotion_gate
+
+
+def _eval(macro_f1: float, per_label_f1: dict[str, float], **metrics: float) -> EvalResult:
+    return EvalResult(
+        metrics={"macro_f1": macro_f1, **metrics},
+        per_label_f1=per_label_f1,
+        scores=np.zeros((0, len(per_label_f1))),
+        targets=np.zeros((0, len(per_label_f1)), dtype=np.uint8),
+        labels=list(per_label_f1),
+    )
+
+
+CHAMP = _eval(0.70, {"cat": 0.80, "dog": 0.60}, mAP=0.75)
+
+
+def test_better_candidate_without_label_drops_is_promoted() -> None:
+    verdict = promotion_gate(_eval(0.75, {"cat": 0.85, "dog": 0.65}), CHAMP)
+    assert verdict.promoted
+    assert (verdict.candidate_value, verdict.champion_value) == (0.75, 0.70)
+    assert verdict.label_drops == {}
+    assert verdict.reason == (
+        "macro_f1 0.7500 >= champion 0.7000 + 0.0000 and no label drops more than 0.030"
+    )
+
+
+def test_lower_metric_is_refused_and_min_delta_counts() -> None:
+    assert not promotion_gate(_eval(0.69, {"cat": 0.8, "dog": 0.6}), CHAMP).promoted
+    equal = _eval(0.70, {"cat": 0.8, "dog": 0.6})
+    assert promotion_gate(equal, CHAMP).promoted  # ties win: >= champion + 0
+    verdict = promotion_gate(equal, CHAMP, min_delta=0.01)
+    assert not verdict.promoted
+    assert verdict.reason == "macro_f1 0.7000 < champion 0.7000 + min delta 0.0100"
+
+
+def test_one_label_dropping_too_far_refuses_even_a_better_average() -> None:
+    cand = _eval(0.80, {"cat": 0.99, "dog": 0.55})  # dog -0.05
+    verdict = promotion_gate(cand, CHAMP, max_label_drop=0.03)
+    assert not verdict.promoted
+    assert verdict.label_drops == pytest.approx({"dog": 0.05})
+    assert verdict.reason == "F1 of 1 label(s) drops by more than 0.030 (worst: 'dog' -0.050)"
+    assert promotion_gate(cand, CHAMP, max_label_drop=0.05).promoted  # a drop equal to the limit passes
+    missing = promotion_gate(_eval(0.9, {"cat": 0.9}), CHAMP)  # a label the candidate lacks: F1 0
+    assert not missing.promoted and missing.label_drops == pytest.approx({"dog": 0.60})
+
+
+def test_other_metric_and_unknown_metric() -> None:
+    cand = _eval(0.60, {"cat": 0.8, "dog": 0.6}, mAP=0.80)
+    assert promotion_gate(cand, CHAMP, metric="mAP").promoted
+    assert not promotion_gate(cand, CHAMP).promoted
+    with pytest.raises(UserError, match="unknown metric 'nope'"):
+        promotion_gate(cand, CHAMP, metric="nope")
