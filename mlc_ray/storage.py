@@ -39,6 +39,7 @@ import errno
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import threading
@@ -62,6 +63,9 @@ __all__ = [
     "InvalidURIError",
     "is_s3",
     "join",
+    "parent",
+    "absolute",
+    "resolve",
     "exists",
     "read_bytes",
     "read_text",
@@ -146,6 +150,45 @@ def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "/".join([uri.rstrip("/"), *[p for p in parts_clean if p]])
     return os.path.join(uri, *parts_clean)
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri``: the s3:// prefix before its last key part, or an absolute local folder."""
+    uri = str(uri)
+    if is_s3(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(_local(uri)))
+
+
+def absolute(uri: str) -> str:
+    """``uri`` with ``file://`` dropped and a local path made absolute; an s3:// URI unchanged."""
+    uri = str(uri)
+    return uri if is_s3(uri) else os.path.abspath(_local(uri))
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def resolve(path: str, base: str) -> str:
+    """A path or URI found in a file -> an absolute, normalised URI; relative paths are relative to
+    ``base`` (a local folder or an s3:// prefix). ``ValueError`` for another URI scheme, or for a
+    relative path that climbs above the bucket root of an s3:// ``base``."""
+    if path.startswith("file://"):
+        return os.path.normpath(path[len("file://") :])
+    if is_s3(path):
+        bucket, _, key = path[len("s3://") :].partition("/")
+        return f"s3://{bucket}/{posixpath.normpath(key)}" if key else path
+    if _SCHEME.match(path):
+        raise ValueError(f"unsupported URI scheme in '{path}' (use a local path or s3://)")
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    if is_s3(base):
+        bucket, _, prefix = base[len("s3://") :].partition("/")
+        key = posixpath.normpath(posixpath.join(prefix, path))
+        if key.startswith("../") or key == "..":
+            raise ValueError(f"'{path}' points above the bucket root of {base}")
+        return f"s3://{bucket}/{key}"
+    return os.path.normpath(os.path.join(base, path))
 
 
 def is_temp_name(name: str) -> bool:
