@@ -233,9 +233,6 @@ class Thresholds:
             raise ValueError(f"scores of shape {scores.shape} do not match {len(self.labels)} labels")
         return scores.astype(np.float64, copy=False) >= self.as_array()[None, :]
 
-    def by_label(self) -> dict[str, float]:
-        return dict(zip(self.labels, self.values, strict=True))
-
     def summary(self) -> str:
         """A short table for logs: label, threshold, support, fallback reason."""
         rows = [f"{'label':<24} {'threshold':>9} {'pos':>6} {'neg':>6}  note", "-" * 60]

@@ -292,10 +292,6 @@ class Sample:
     )
     tolerance: int = 40
 
-    @property
-    def expected_error_code(self) -> str | None:
-        return self.expected_error
-
 
 # Upright pattern: a green band over the top quarter, then left half red, right half blue. Any wrong
 # rotation, flip or transpose moves one of the three regions.

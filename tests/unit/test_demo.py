@@ -121,4 +121,4 @@ def test_sample_corpora_are_deterministic() -> None:
     assert [s.data for s in good] == [s.data for s in demo.good_image_samples()]
     assert all(s.expected_error is None and s.expected_size for s in good)
     assert len({s.name for s in good}) == len(good)
-    assert np.all([s.expected_error_code for s in demo.bad_image_samples()])
+    assert np.all([s.expected_error for s in demo.bad_image_samples()])
