@@ -83,7 +83,7 @@ def _raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: lis
 def _exif_jpeg(orientation: int) -> bytes:
     """A JPEG whose stored pixels need EXIF ``orientation`` to show the upright pattern."""
     upright = Image.fromarray(_pattern(), "RGB")
-    from mlc_ray.data.images import _ORIENTATION_FIX
+    from mlc_ray.data.decode import _ORIENTATION_FIX
 
     fix = _ORIENTATION_FIX[orientation]
     inverse = {
