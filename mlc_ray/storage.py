@@ -30,6 +30,13 @@ Choices worth knowing:
 * **Errors a user can act on.** A missing object is ``FileNotFoundError`` naming the URI; a
   missing bucket is ``BucketNotFoundError`` naming the bucket and the endpoint; an endpoint that
   does not answer is ``StorageUnreachableError``; missing credentials ``StorageCredentialsError``.
+
+Why one module of ~650 lines: it is one contract (a URI -> bytes, an atomic write, a stream of
+listing pages) and nearly every function has a local half and an S3 half that share the URI
+parsing, the per-process client cache and the S3 error translation above them. Split by backend,
+each operation would live in two files that must change together; split by operation, every piece
+would import the clients and the error translation anyway. The sections below (URIs, clients, S3
+errors, read/write, listing, keys -> local paths) are the seams if it ever grows further.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@
   [5] MLflow: final metrics, resolved config, label-distribution chart, PR curves, per-label table
 
 The job around it (hard-sample mining, export, registration) is ``mlc_ray.train.job.run_train_job``.
+
+Why ~570 lines: ``run_training`` is one stage that reads top to bottom as the numbered steps above,
+and the helpers below it (checkpoint selection and loading, the bundle commit, the 10-crop
+evaluation, MLflow artifacts) are each used only by it. The job around a stage (mining, export,
+registration) is ``mlc_ray.train.job``; the worker is ``mlc_ray.train.loop``.
 """
 
 from __future__ import annotations
