@@ -4,7 +4,8 @@ A job in ``jobs/`` is ``main(argv=None) -> int``: parse arguments, then ``return
 ``run_job`` maps the errors a user can fix (bad config, bad manifest, missing file or bucket,
 unknown model alias) to a single ``error: ...`` line on stderr and exit code 2, so a scheduler's
 log shows what went wrong and where without a traceback; anything else is a bug and keeps its
-traceback (exit 1).
+traceback (exit 1). The errors themselves live in ``mlc_ray.errors`` (importable from every layer;
+re-exported here), so nothing below the jobs needs this module for them.
 """
 
 from __future__ import annotations
