@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from datetime import UTC, datetime
 
@@ -59,7 +58,7 @@ from mlc_ray.tagging.config import TagConfig
 from mlc_ray.tagging.isolation import ISOLATION_ATTEMPTS, ISOLATION_MAX_IMAGES
 from mlc_ray.tagging.listing import finished_run_notice, list_run, open_run
 from mlc_ray.tagging.parallelism import Parallelism, choose_parallelism
-from mlc_ray.tagging.predictor import CHAOS_DELAY_ENV, CHAOS_EXIT_ONCE_ENV, Predictor
+from mlc_ray.tagging.predictor import Predictor
 from mlc_ray.tagging.read import read_objects, read_with_retry
 from mlc_ray.tagging.report import RunReport, load_expectation
 from mlc_ray.tagging.resolve import load_model_metadata, resolve
@@ -85,8 +84,6 @@ __all__ = [
     "PREDICTOR_MAX_TASK_RETRIES",
     "ISOLATION_ATTEMPTS",
     "ISOLATION_MAX_IMAGES",
-    "CHAOS_EXIT_ONCE_ENV",
-    "CHAOS_DELAY_ENV",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,8 +224,6 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             "threads": par.threads_per_actor,
             "use_gpu": cfg.use_gpu,
             "batch_timeout_s": float(cfg.batch_timeout_s),
-            "chaos_exit_once": os.environ.get(CHAOS_EXIT_ONCE_ENV) or None,
-            "chaos_delay_s": float(os.environ.get(CHAOS_DELAY_ENV) or 0.0),
             "options": options.to_dict(),
             "sample_thumbnails": cfg.report,
         }

@@ -28,8 +28,6 @@ __all__ = [
     "ROUTING_COLUMNS",
     "PREDICTOR_OUTPUT_SCHEMA",
     "actor_death_errors",
-    "CHAOS_EXIT_ONCE_ENV",
-    "CHAOS_DELAY_ENV",
 ]
 
 log = logging.getLogger(__name__)
@@ -37,11 +35,6 @@ log = logging.getLogger(__name__)
 ROUTING_COLUMNS = (pa.field("_shard", pa.int32()), pa.field("_pos", pa.int32()))
 # _thumb: a small JPEG for the rows that enter the run's contact-sheet selections (report.py), else null
 PREDICTOR_OUTPUT_SCHEMA = pa.schema([*TAG_TABLE_SCHEMA, *ROUTING_COLUMNS, THUMB_COLUMN])
-# Test/chaos hook: when set to a path that does not exist yet, the first Predictor call creates it
-# and kills its own process (a crashed actor), once per marker.
-CHAOS_EXIT_ONCE_ENV = "MLC_RAY_CHAOS_PREDICTOR_EXIT_ONCE"
-# Test/chaos hook: seconds each Predictor call sleeps (lets a test kill the driver mid-run).
-CHAOS_DELAY_ENV = "MLC_RAY_CHAOS_PREDICTOR_DELAY_S"
 
 
 def actor_death_errors() -> tuple[type[BaseException], ...]:
@@ -71,8 +64,6 @@ class Predictor:
         threads: int = 1,
         use_gpu: bool = False,
         batch_timeout_s: float | None = None,
-        chaos_exit_once: str | None = None,
-        chaos_delay_s: float = 0.0,
         options: dict | None = None,
         sample_thumbnails: bool = True,
     ) -> None:
@@ -94,8 +85,6 @@ class Predictor:
         self.allowed = self.options.allowed_mask(self.labels)
         self.sampler = ThumbnailSampler(self.thresholds) if sample_thumbnails else None
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
-        self.chaos_exit_once = chaos_exit_once
-        self.chaos_delay_s = float(chaos_delay_s)
         self.batch_timeout_s = batch_timeout_s
         self._busy_since: float | None = None
         if batch_timeout_s:
@@ -137,12 +126,6 @@ class Predictor:
             self._busy_since = None
 
     def _tag(self, batch: pa.Table) -> pa.Table:
-        if self.chaos_exit_once and not os.path.exists(self.chaos_exit_once):
-            with open(self.chaos_exit_once, "w") as fh:
-                fh.write(str(os.getpid()))
-            os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the task
-        if self.chaos_delay_s:
-            time.sleep(self.chaos_delay_s)
         items = list(
             zip(batch.column("data").to_pylist(), batch.column("read_error").to_pylist(), strict=True)
         )
