@@ -2,11 +2,13 @@
 optionally killing itself.
 
     python -m tests.chaos.driver --ray-address HOST:PORT [--job tag|train|...] [--worker-env K=V ...]
-        [--kill-at POINT:N] [--read-block-keys N] [--preserve-order] -- <the job's arguments>
+        [--kill-at POINT:N] [--read-block-keys N] [--preserve-order] [--predictor-delay-s S]
+        -- <the job's arguments>
 
 The driver connects to the cluster the test started (a separate Ray job, as ``ray job submit``
 would run it), with ``--worker-env`` as its job's worker environment, then calls
-``jobs/<job>.py``'s ``main``. Tagging only: ``--kill-at`` SIGKILLs the driver at an exact point
+``jobs/<job>.py``'s ``main``. ``--predictor-delay-s``: each Predictor call sleeps first
+(``hooks.install_predictor_faults``). Tagging only: ``--kill-at`` SIGKILLs the driver at an exact point
 of the run, with no timing involved:
 
 * ``listing:N``    — right after the N-th shard descriptor is stored (the listing is unfinished);
@@ -39,7 +41,8 @@ def _die(point: str) -> None:
 def install_kill(point: str, n: int) -> None:
     """Monkeypatch the library so this process SIGKILLs itself at ``point`` the ``n``-th time."""
     from mlc_ray import storage
-    from mlc_ray.tagging import inputs, pipeline, table
+    from mlc_ray.tagging import commit as commit_stage
+    from mlc_ray.tagging import inputs, table
 
     calls = {"n": 0}
 
@@ -57,7 +60,7 @@ def install_kill(point: str, n: int) -> None:
 
         inputs.ShardStore.put = put
     elif point == "mid-shard":
-        real_add = pipeline._ShardBuffer.add
+        real_add = commit_stage.ShardBuffer.add
         real_commit = table.TagTableWriter.commit
         committed = {"n": 0}
 
@@ -75,7 +78,7 @@ def install_kill(point: str, n: int) -> None:
                 )
             return result
 
-        pipeline._ShardBuffer.add = add
+        commit_stage.ShardBuffer.add = add
         table.TagTableWriter.commit = counting_commit
     elif point == "commit":
         real_client = storage.s3_client
@@ -105,7 +108,6 @@ def install_kill(point: str, n: int) -> None:
             return uri
 
         table.TagTableWriter.commit = commit
-        pipeline.TagTableWriter = table.TagTableWriter
     else:
         raise SystemExit(f"--kill-at: unknown point {point!r}; use one of {KILL_POINTS}")
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Ray Data delivers rows in input order (kill points land on the same shard every run)",
     )
+    p.add_argument("--predictor-delay-s", type=float, default=0.0, help="each Predictor call sleeps S s")
     args = p.parse_args(own)
 
     import ray
@@ -144,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     if args.read_block_keys:
-        from mlc_ray.tagging import pipeline
+        from mlc_ray.tagging import window
 
-        pipeline.READ_BLOCK_KEYS = args.read_block_keys
+        window.READ_BLOCK_KEYS = args.read_block_keys
+    if args.predictor_delay_s:
+        from tests.chaos.hooks import install_predictor_faults
+
+        install_predictor_faults(delay_s=args.predictor_delay_s)
     if args.kill_at:
         point, _, n = args.kill_at.partition(":")
         install_kill(point, int(n or 1))

@@ -1,11 +1,19 @@
-"""Fault hooks that run *inside* Ray worker processes (``runtime_env["worker_process_setup_hook"]``).
+"""Fault hooks that run *inside* Ray worker processes, installed from outside the library.
 
-``install_poison_decoder`` wraps ``mlc_ray.data.images.decode_image`` so that bytes carrying
-``POISON_MARKER`` crash the process with SIGSEGV, as a decoder bug in a C library would, and bytes
+**Decoder faults** (``runtime_env["worker_process_setup_hook"]``): ``install_poison_decoder``
+wraps ``mlc_ray.data.images.decode_image`` so that bytes carrying ``POISON_MARKER`` crash the process with SIGSEGV, as a decoder bug in a C library would, and bytes
 carrying ``HANG_MARKER`` never return (a decoder stuck in a loop). Every other input decodes as
 usual, so the hook is inert for the rest of the tier. Each crash or hang appends a line
 (``crash <pid>`` / ``hang <pid>``) to the file named by ``CRASH_LOG_ENV`` first, so a test can count
 the attempts.
+
+**Predictor faults** (monkeypatching in the driver): ``install_predictor_faults`` replaces the
+``Predictor`` class that tagging's Ray Data stage (``mlc_ray.tagging.window``) maps with, in the
+driver process only, by ``faulty_predictor``: a subclass made inside a function, so cloudpickle
+ships it to the actors *by value* (with its settings) and the workers need no test code on their
+path. It keeps the name ``Predictor`` (the actor title ``MapBatches(Predictor)`` the tests look
+for). ``delay_s``: each call sleeps first (a run that outlives the kills); ``exit_once_marker``: the
+first call anywhere creates that file and exits its process (a crashed actor, once).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 POISON_MARKER = b"MLC-RAY-CHAOS-POISON"
 HANG_MARKER = b"MLC-RAY-CHAOS-HANG"
@@ -45,3 +54,37 @@ def install_poison_decoder() -> None:
 
     decode_image._chaos_wrapped = True  # type: ignore[attr-defined]
     images.decode_image = decode_image
+
+
+def faulty_predictor(*, delay_s: float = 0.0, exit_once_marker: str | None = None) -> type:
+    """A ``Predictor`` subclass that sleeps ``delay_s`` per call and/or exits its process once."""
+    from mlc_ray.tagging.predictor import Predictor
+
+    delay_s = float(delay_s)
+    marker = str(exit_once_marker) if exit_once_marker else None
+
+    class FaultyPredictor(Predictor):
+        def __call__(self, batch: Any) -> Any:
+            if marker and not os.path.exists(marker):
+                with open(marker, "w") as fh:
+                    fh.write(str(os.getpid()))
+                os._exit(1)  # a crashed actor: Ray restarts it and retries the task
+            if delay_s:
+                time.sleep(delay_s)
+            return super().__call__(batch)
+
+    FaultyPredictor.__name__ = "Predictor"  # Ray Data names the stage (and the actor process) by it
+    return FaultyPredictor
+
+
+def install_predictor_faults(monkeypatch: Any = None, **faults: Any) -> type:
+    """Make this process's tagging runs map with ``faulty_predictor(**faults)``; with a pytest
+    ``monkeypatch`` the swap is undone after the test (a driver process keeps it)."""
+    from mlc_ray.tagging import window
+
+    cls = faulty_predictor(**faults)
+    if monkeypatch is not None:
+        monkeypatch.setattr(window, "Predictor", cls)
+    else:
+        window.Predictor = cls
+    return cls

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(flag, required=True)
     parser.add_argument("--shard-size", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument("--predictor-delay-s", type=float, default=0.0, help="each Predictor call sleeps")
     args = parser.parse_args(argv)
 
     import psutil
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlc_ray.tagging.config import TagConfig
     from mlc_ray.tagging.pipeline import run_tagging
+    from tests.chaos.hooks import install_predictor_faults
     from tests.chaos.test_actor_kill import predictor_pids
+
+    if args.predictor_delay_s:
+        install_predictor_faults(delay_s=args.predictor_delay_s)
 
     # GCS declares a node dead after missed health checks: ~1 min by default, 2-3 s here
     health = {

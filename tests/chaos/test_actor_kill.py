@@ -3,7 +3,8 @@
 Fault: a killer thread (seeded RNG) waits for the ``MapWorker(MapBatches(Predictor))`` actor
 process, lets it live a random 0.3–1.5 s, SIGKILLs it (as the OOM killer or a lost node would),
 waits for Ray to restart it in a new process, and does it again: 3 kills during one run. Each
-Predictor call sleeps 0.4 s (``MLC_RAY_CHAOS_PREDICTOR_DELAY_S``) so the run outlives the kills.
+Predictor call sleeps 0.4 s (``hooks.install_predictor_faults``: the driver maps with a slow
+subclass, shipped to the actors by Ray) so the run outlives the kills.
 
 Expected: the run finishes by itself (Ray restarts the actor and retries its batches, within the
 pipeline's bounded ``PREDICTOR_MAX_TASK_RETRIES``), the table holds exactly the input set (no
@@ -24,6 +25,7 @@ import pytest
 
 from mlc_ray import storage
 from tests.chaos import support
+from tests.chaos.hooks import install_predictor_faults
 from tests.integration.test_tagging import read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
@@ -82,12 +84,12 @@ def test_inference_actors_killed_at_random_points_table_exactly_once(
     import ray
 
     from mlc_ray.tagging.config import TagConfig
-    from mlc_ray.tagging.pipeline import CHAOS_DELAY_ENV, run_tagging
+    from mlc_ray.tagging.pipeline import run_tagging
 
     boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=BUCKET)
     storage.reset_clients()
     uris = sorted(upload_images(BUCKET, "in", N_IMAGES, with_bad=False))
-    monkeypatch.setenv(CHAOS_DELAY_ENV, "0.4")
+    install_predictor_faults(monkeypatch, delay_s=0.4)
     output = f"s3://{BUCKET}/tags"
     cfg = TagConfig(
         model=tiny_bundle, input=f"s3://{BUCKET}/in/", output=output, shard_size=20, batch_size=5,

@@ -3,7 +3,8 @@
 Fault: ``node_death.py`` (its own process, its own ``ray.cluster_utils.Cluster``: a 0-CPU head and
 two 2-CPU worker nodes) removes the node running the Predictor actor, ungracefully, once the run
 has committed a shard: that node's raylet, read tasks, inference actor and object store go at once.
-Each Predictor call sleeps 0.3 s so the run is still going when the node dies.
+Each Predictor call sleeps 0.3 s (``--predictor-delay-s``: ``hooks.install_predictor_faults`` in
+that process) so the run is still going when the node dies.
 
 Expected: the run finishes by itself on the other node (lost blocks are recomputed from their read
 tasks, the actor is restarted there and its batches retried, within ``PREDICTOR_MAX_TASK_RETRIES``);
@@ -37,21 +38,20 @@ BUCKET = "chaos-node"
 def test_worker_node_killed_mid_run_table_exactly_once(s3_server, tiny_bundle, tmp_path) -> None:
     import boto3
 
-    from mlc_ray.tagging.pipeline import CHAOS_DELAY_ENV
-
     boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=BUCKET)
     storage.reset_clients()
     uris = sorted(upload_images(BUCKET, "in", N_IMAGES, with_bad=False))
     output = f"s3://{BUCKET}/tags"
     result_file = tmp_path / "node-death.json"
-    env = {**os.environ, CHAOS_DELAY_ENV: "0.3", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RAY_ADDRESS", None)  # its own cluster, never the tier's
     # Cluster() writes its address to <RAY_TMPDIR>/ray_current_cluster, where any ray.init() without
     # an address would find it: a private temp dir keeps it away from every other test process
     env["RAY_TMPDIR"] = str(tempfile.mkdtemp(prefix="mlcr-nd-", dir="/tmp"))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.chaos.node_death", "--model", tiny_bundle,
-         "--input", f"s3://{BUCKET}/in/", "--output", output, "--result", str(result_file)],
+         "--input", f"s3://{BUCKET}/in/", "--output", output, "--result", str(result_file),
+         "--predictor-delay-s", "0.3"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)

@@ -217,11 +217,12 @@ def test_rerun_same_identity_skips_committed_shards(first_run, bundle) -> None:
 
 
 def test_actor_crash_midway_every_image_exactly_once(bundle, images, tmp_path, monkeypatch) -> None:
-    from mlc_ray.tagging.pipeline import CHAOS_EXIT_ONCE_ENV, run_tagging
+    from mlc_ray.tagging.pipeline import run_tagging
+    from tests.chaos.hooks import install_predictor_faults
 
     prefix, expected = images
     marker = tmp_path / "actor-died"
-    monkeypatch.setenv(CHAOS_EXIT_ONCE_ENV, str(marker))
+    install_predictor_faults(monkeypatch, exit_once_marker=marker)  # the first Predictor call exits
     output = "s3://tagging-inputs/tags-actor-crash"
     cfg = TagConfig(
         model=bundle, input=prefix, output=output, shard_size=100, batch_size=16, max_error_rate=0.5
@@ -248,20 +249,28 @@ def test_error_rate_above_ceiling_fails_the_job(bundle, images) -> None:
 
 
 def test_driver_killed_midway_then_rerun_exactly_once(bundle, images, tmp_path) -> None:
-    """jobs/tag.py in its own process (its own Ray), SIGKILLed after its first shard commits."""
+    """jobs/tag.py in its own process (its own Ray), SIGKILLed after its first shard commits; the first
+    run goes through ``tests.chaos.driver`` so each Predictor call sleeps (the run outlives the kill)."""
     prefix, expected = images
     output = "s3://tagging-inputs/tags-driver-kill"
-    args = [
-        sys.executable,
-        str(REPO / "jobs" / "tag.py"),
+    job_args = [
         "--model", bundle, "--input", prefix, "--output", output,
         "--shard-size", "20", "--batch-size", "10", "--actors", "1", "--threads-per-actor", "1",
         "--max-error-rate", "0.5",
     ]  # fmt: skip
     # "local": a Ray of its own, never one found on the machine (another test's cluster)
-    env = {**os.environ, "MLC_RAY_CHAOS_PREDICTOR_DELAY_S": "0.3", "RAY_ADDRESS": "local"}
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    slow = [sys.executable, "-m", "tests.chaos.driver", "--ray-address", "local"]
+    slow += ["--predictor-delay-s", "0.3"]  # each Predictor call sleeps 0.3 s: the run outlives the kill
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*slow, "--", *job_args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     committed: list[str] = []
     deadline = time.monotonic() + 240
     try:
@@ -287,7 +296,7 @@ def test_driver_killed_midway_then_rerun_exactly_once(bundle, images, tmp_path) 
     partial = read_table(output)
     assert 0 < partial.num_rows < N_IMAGES  # killed midway: some shards committed, not all
 
-    env.pop("MLC_RAY_CHAOS_PREDICTOR_DELAY_S")
+    args = [sys.executable, str(REPO / "jobs" / "tag.py"), *job_args]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     uris = read_table(output).column("image_uri").to_pylist()
