@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlc_ray.tagging.config import TagConfig
     from mlc_ray.tagging.pipeline import run_tagging
-    from tests.chaos.test_actor_kill import predictor_pids
+    from tests.helpers import predictor_pids
 
     # GCS declares a node dead after missed health checks: ~1 min by default, 2-3 s here
     health = {

@@ -8,29 +8,15 @@ registration is refused.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.integration import test_registry as _registry
-from tests.integration.test_registry import BAD, GOOD, MEDIOCRE, MlflowServer, build_color_bundle
-
-# The session's MLflow server and the colour data set, shared with test_registry.py.
-mlflow_server = _registry.mlflow_server
-color_data = _registry.color_data
+from tests.helpers import BAD, GOOD, MEDIOCRE, MlflowServer, build_color_bundle, load_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 NAME = "promo-test"
-
-
-def _promote_job():
-    spec = importlib.util.spec_from_file_location("promote_job", REPO_ROOT / "jobs" / "promote.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _aliases() -> dict[str, str]:
@@ -63,7 +49,7 @@ def versions(
 
 
 def run_promote(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = _promote_job().main(["--name", NAME, *args])
+    code = load_job("promote").main(["--name", NAME, *args])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -163,7 +149,7 @@ def test_tampered_artifact_is_refused(
 
 
 def test_unknown_model_is_a_user_error(mlflow_server: MlflowServer, capsys) -> None:
-    code = _promote_job().main(["--name", "no-such-model", "--eval-data", "x.csv"])
+    code = load_job("promote").main(["--name", "no-such-model", "--eval-data", "x.csv"])
     err = capsys.readouterr().err
     assert code == 2 and "no registered model 'no-such-model'" in err
 
@@ -193,7 +179,7 @@ def held_out(mlflow_server: MlflowServer, color_data: str, tmp_path_factory: pyt
 
 
 def _promote_held_out(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = _promote_job().main(["--name", HELD_OUT, *args])
+    code = load_job("promote").main(["--name", HELD_OUT, *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -8,71 +8,19 @@ would prove nothing).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
 
-from mlc_ray.data.images import PreprocessConfig
 from mlc_ray.export import ExportError, export_bundle
 from mlc_ray.export.ncnn import NcnnRunner, convert_to_ncnn, run_pnnx
 from mlc_ray.export.onnx import onnx_probabilities
 from mlc_ray.export.parity import TOLERANCE, synthetic_images, torch_probabilities
-from mlc_ray.models import build_tagger, list_models, model_spec
+from mlc_ray.models import list_models
+from tests.helpers import EXPORT_LABELS as LABELS
+from tests.helpers import EXPORT_SIZE as SIZE
+from tests.helpers import write_bundle
 
 pytestmark = pytest.mark.timeout(300)
-
-SIZE = 64
-LABELS = ["cat", "dog", "red", "text"]
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Make an untrained tagger behave like a trained one: image-dependent features, spread logits.
-
-    A fresh network in eval mode gives (nearly) the same output for every image (BatchNorm's running
-    statistics are 0/1 and the head is zero-initialised), which would make parity prove nothing. So:
-    re-estimate BatchNorm statistics on synthetic images, then scale a random head so each label's
-    logits have std ~2 across images and are centred near 0.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.from_numpy(synthetic_images(32, SIZE, seed=seed + 100))
-    head = next(
-        m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == len(LABELS)
-    )
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-                module.momentum = None  # cumulative average over the batches below
-        model.train()
-        for chunk in images.split(16):
-            model(chunk)
-        model.eval()
-        head.weight.normal_(0.0, 1.0 / head.in_features**0.5, generator=gen)
-        head.bias.zero_()
-        logits = model(images)
-        scale = 2.0 / logits.std(dim=0).clamp(min=1e-6)
-        head.weight.mul_(scale[:, None])
-        head.bias.copy_(
-            -logits.mean(dim=0) * scale + torch.empty(len(LABELS)).uniform_(-0.5, 0.5, generator=gen)
-        )
-    return model
-
-
-def write_bundle(folder: Path, arch: str, normalization: str = "imagenet") -> tuple[Path, object]:
-    """A training-like bundle: model.pt, model.json, labels.json, preprocess.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pre = PreprocessConfig(image_size=SIZE, normalization=normalization)
-    spec = model_spec(arch, len(LABELS))
-    torch.manual_seed(0)
-    model = randomise(build_tagger(spec, pre))
-    torch.save(model.state_dict(), folder / "model.pt")
-    (folder / "model.json").write_text(json.dumps(spec))
-    (folder / "labels.json").write_text(json.dumps(LABELS))
-    (folder / "preprocess.json").write_text(pre.to_json())
-    return folder, model
 
 
 @pytest.fixture(scope="module", params=list_models())
