@@ -1,7 +1,7 @@
-"""ncnn export via pnnx, and parity of every exported fp32 format on every registered architecture.
+"""ncnn export via pnnx, and parity of the exported fp32 formats on every registered architecture.
 
-One module-scoped export per architecture (ONNX fp32 + ncnn through ``export_bundle``) at 64 px with 4
-labels; the models get randomised BatchNorm statistics and a scaled head so their probabilities spread
+One module-scoped export per architecture (ONNX fp32 + ncnn through ``export_bundle``: the MobileNets
+and one large architecture; the others ONNX only, see ``NCNN_ARCHS``) at 64 px with 4 labels; the models get randomised BatchNorm statistics and a scaled head so their probabilities spread
 over (0, 1) (a fresh torchvision head is zero-initialised: every probability would be 0.5 and parity
 would prove nothing).
 """
@@ -23,15 +23,47 @@ from tests.helpers import write_bundle
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module", params=list_models())
-def exported(request, tmp_path_factory):
-    arch = request.param
+# A pnnx conversion costs 10-50 s on 2 CPUs. The ncnn path runs over the MobileNets (the
+# architectures made for devices) and one large architecture, marked ``large_arch`` (``make test``
+# runs it; ``-m "not large_arch"`` leaves it out of a quick local run). Every other registered
+# architecture is exported to ONNX with parity (``test_other_architectures_export_onnx_with_parity``).
+LARGE_ARCH = "resnet50"
+NCNN_ARCHS = [a for a in list_models() if a.startswith("mobilenet")] + [LARGE_ARCH]
+ONNX_ONLY_ARCHS = [a for a in list_models() if a not in NCNN_ARCHS]
+
+
+def _export(arch: str, tmp_path_factory, formats: tuple[str, ...]):
     # per_image normalisation (seed 000) on one arch: its reductions must survive ONNX and ncnn too.
     normalization = "per_image" if arch == "mobilenet_v1" else "imagenet"
     folder, model = write_bundle(tmp_path_factory.mktemp(arch), arch, normalization)
     images = synthetic_images(12, SIZE, seed=3)
-    report = export_bundle(folder, val_images=images, formats=("onnx", "ncnn"), threads=2)
+    report = export_bundle(folder, val_images=images, formats=formats, threads=2)
     return arch, folder, model, images, report
+
+
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(a, marks=pytest.mark.large_arch) if a == LARGE_ARCH else a for a in NCNN_ARCHS],
+)
+def exported(request, tmp_path_factory):
+    return _export(request.param, tmp_path_factory, ("onnx", "ncnn"))
+
+
+def test_the_ncnn_architectures_are_the_mobilenets_and_one_large_one() -> None:
+    assert LARGE_ARCH in list_models() and len(NCNN_ARCHS) >= 5
+    assert set(NCNN_ARCHS) | set(ONNX_ONLY_ARCHS) == set(list_models())
+
+
+@pytest.mark.parametrize("arch", ONNX_ONLY_ARCHS)
+def test_other_architectures_export_onnx_with_parity(arch, tmp_path_factory) -> None:
+    _, folder, model, images, report = _export(arch, tmp_path_factory, ("onnx",))
+    assert report.ok("onnx"), report.format()
+    reference = torch_probabilities(model, images)
+    assert reference.std(axis=0).min() > 0.1, "the test model's probabilities should vary across images"
+    onnx_p = onnx_probabilities(folder / "model.onnx", images)
+    assert onnx_p.shape == (len(images), len(LABELS))
+    assert np.abs(onnx_p - reference).max() <= TOLERANCE
+    assert report.results["onnx"].parity.max_abs_diff <= TOLERANCE
 
 
 def test_every_architecture_exports_with_parity(exported):
