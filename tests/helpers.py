@@ -328,12 +328,17 @@ class AuthServer:
     def __init__(self, root: Path, admin_password: str | None = None) -> None:
         self.admin = ("admin", admin_password or f"admin-{secrets.token_hex(12)}")
         ini = root / "basic_auth.ini"
-        # The same settings as mlflow/basic_auth.ini, with the auth DB in the test's directory.
+        # The same settings as mlflow/basic_auth.ini, with the auth DB in the test's directory, and
+        # MLflow's credential cache on: without it every request checks a scrypt hash (~0.13 s of
+        # CPU on these machines), which made this server the slowest part of the suite. Permissions
+        # are still checked on every request; with one server worker a password change over the
+        # API clears the cached entry at once (MLflow's basic_auth.ini describes the cache).
         ini.write_text(
             "[mlflow]\n"
             "default_permission = READ\n"
             f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 600\n"
         )
         self.server = MlflowServer(
             root,
