@@ -1,4 +1,6 @@
-"""Shared test fixtures: a real S3 server (moto, own process), one local Ray per module, real MLflow.
+"""Shared test fixtures: a real S3 server (moto, own process), local Ray, real MLflow (sqlite or a server).
+
+Plain helpers (functions, constants, server classes) are in tests/helpers.py.
 
 Tiers (markers registered in pyproject.toml): ``unit`` (no Ray, no servers), ``integration``
 (local Ray, the S3 server, MLflow), ``chaos`` (fault injection). Tests without a tier marker are
@@ -8,17 +10,17 @@ marked by their folder.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, MlflowServer, free_port, make_color_data, wait_for_port
+
+__all__ = ["REPO_ROOT", "S3Server", "free_port", "wait_for_port"]  # imported by tests/chaos
 
 # Every process the tests start (Ray workers, job drivers) must find the package and must never
 # reach a real AWS endpoint or the network.
@@ -61,25 +63,6 @@ def _no_mlflow_state_between_tests() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server process exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 class S3Server:
@@ -183,3 +166,29 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     root = tmp_path_factory.mktemp("demo")
     return generate_demo(str(root), seed=0)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` for the session (shared by the registry, promotion and alias-history
+    modules: each uses its own registered model names); MLFLOW_TRACKING_URI points every client (and
+    child process) at it while it runs."""
+    import mlflow
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = server.uri
+    mlflow.set_tracking_uri(server.uri)
+    yield server
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    mlflow.set_tracking_uri(saved or "")
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def color_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The colour data set (labelled JPEGs, a manifest with a val split, labels.txt); read-only."""
+    return make_color_data(tmp_path_factory.mktemp("color"))

@@ -81,7 +81,7 @@ def proxy_faults(fault_proxy: support.FaultProxy) -> Iterator[support.FaultProxy
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tests.integration.test_tagging import make_bundle
+    from tests.helpers import make_bundle
 
     return make_bundle(tmp_path_factory.mktemp("bundle") / "tiny-tagger")
 

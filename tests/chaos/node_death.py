@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlc_ray.tagging.config import TagConfig
     from mlc_ray.tagging.pipeline import run_tagging
     from tests.chaos.hooks import install_predictor_faults
-    from tests.chaos.test_actor_kill import predictor_pids
+    from tests.helpers import predictor_pids
 
     if args.predictor_delay_s:
         install_predictor_faults(delay_s=args.predictor_delay_s)

@@ -20,33 +20,18 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 
 from mlc_ray import storage
 from tests.chaos import support
 from tests.chaos.hooks import install_predictor_faults
-from tests.integration.test_tagging import read_table, upload_images
+from tests.helpers import predictor_pids, read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
 N_IMAGES = 60
 KILLS = 3
 BUCKET = "chaos-actors"
-ACTOR_TITLE = "MapBatches(Predictor)"
-
-
-def predictor_pids() -> set[int]:
-    """Predictor actor processes of *this* process's Ray clusters (its descendants): another test
-    process on the machine (``make test`` runs shards side by side) has Predictors of its own."""
-    pids = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if any(ACTOR_TITLE in part for part in proc.cmdline()):
-                pids.add(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return pids
 
 
 class ActorKiller(threading.Thread):

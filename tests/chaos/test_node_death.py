@@ -25,9 +25,8 @@ import pytest
 
 from mlc_ray import storage
 from tests.chaos import support
-from tests.chaos.test_actor_kill import predictor_pids
 from tests.conftest import REPO_ROOT
-from tests.integration.test_tagging import read_table, upload_images
+from tests.helpers import predictor_pids, read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 

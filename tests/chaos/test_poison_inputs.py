@@ -33,7 +33,7 @@ from PIL import Image
 from mlc_ray import storage
 from tests.chaos import support
 from tests.chaos.hooks import HANG_MARKER, POISON_MARKER
-from tests.integration.test_tagging import photo_jpeg, read_table, upload_images
+from tests.helpers import photo_jpeg, read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 

@@ -35,13 +35,11 @@ from mlc_ray import storage
 from tests.chaos import support
 from tests.chaos.support import MODEL_NAME
 from tests.conftest import REPO_ROOT
-from tests.integration import test_registry as _registry
-from tests.integration.test_tagging import read_table, upload_images
+from tests.helpers import read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 BUCKET = "chaos-security"
-color_data = _registry.color_data  # the colour data set (labelled JPEGs + manifest), as a fixture
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -298,8 +296,7 @@ def test_registry_passwords_never_leak_on_an_authenticating_server(
     from mlflow import MlflowClient
 
     from mlc_ray.registry import register_bundle
-    from tests.integration.test_mlflow_auth import AuthServer, identity
-    from tests.integration.test_registry import GOOD, build_color_bundle
+    from tests.helpers import GOOD, AuthServer, build_color_bundle, identity
 
     canary = {
         role: f"CANARY{role}{uuid.uuid4().hex}" for role in ("admin", "training", "promotion", "tagging")

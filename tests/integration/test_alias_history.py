@@ -13,12 +13,7 @@ import re
 
 import pytest
 
-from tests.integration import test_registry as _registry
-from tests.integration.test_promote import _promote_job
-from tests.integration.test_registry import BAD, GOOD, MEDIOCRE, MlflowServer, build_color_bundle
-
-mlflow_server = _registry.mlflow_server
-color_data = _registry.color_data
+from tests.helpers import BAD, GOOD, MEDIOCRE, MlflowServer, build_color_bundle, load_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -27,7 +22,7 @@ WHEN = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  ")
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = _promote_job().main(args)
+    code = load_job("promote").main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -81,5 +76,5 @@ def test_history_of_an_unknown_model_is_a_user_error(mlflow_server: MlflowServer
 
 def test_promote_needs_a_name_or_history(capsys) -> None:
     with pytest.raises(SystemExit) as info:
-        _promote_job().main([])
+        load_job("promote").main([])
     assert info.value.code == 2 and "--name is required" in capsys.readouterr().err

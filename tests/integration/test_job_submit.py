@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from mlc_ray.data.demo import generate_demo
-from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlc_ray.data.manifest import ManifestError, load_manifest
-from tests.unit.test_manifest import FORMATS, check_same_data, write_formats
+from tests.helpers import FORMATS, check_same_data, write_formats
 
 pytestmark = pytest.mark.integration
 

@@ -10,22 +10,16 @@ depend on any other test module or on test order.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.integration import test_registry as _registry
-from tests.integration.test_registry import BAD, GOOD, MlflowServer, build_color_bundle
-
-color_data = _registry.color_data
+from tests.helpers import BAD, GOOD, AuthServer, build_color_bundle, identity, load_job
 
 # 600 s: the module fixtures start a server and register three versions (about a minute each on a
 # busy 2-CPU machine).
@@ -38,40 +32,6 @@ ROLE_ENV = {
     "promotion": "MLC_RAY_PROMOTION_PASSWORD",
     "tagging": "MLC_RAY_TAGGING_PASSWORD",
 }
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO_ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class AuthServer:
-    """``mlflow server --app-name basic-auth`` with its own auth DB (a temp ini) and a random admin."""
-
-    def __init__(self, root: Path, admin_password: str | None = None) -> None:
-        self.admin = ("admin", admin_password or f"admin-{secrets.token_hex(12)}")
-        ini = root / "basic_auth.ini"
-        # The same settings as mlflow/basic_auth.ini, with the auth DB in the test's directory.
-        ini.write_text(
-            "[mlflow]\n"
-            "default_permission = READ\n"
-            f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
-        self.server = MlflowServer(
-            root,
-            app_name="basic-auth",
-            env={
-                "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-                "MLFLOW_AUTH_ADMIN_USERNAME": self.admin[0],
-                "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin[1],
-                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-            },
-        )
-        self.uri = self.server.uri
-        self.log_path = root / "server.log"
 
 
 @pytest.fixture(scope="module")
@@ -97,25 +57,6 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer
     server.server.stop()
 
 
-@contextmanager
-def identity(user: str | None, password: str | None) -> Iterator[None]:
-    """Act as ``user`` (None: no credentials) in this process, as a job would from its environment."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    for key, value in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password)):
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(scope="module")
 def identities(auth_server: AuthServer) -> dict[str, tuple[str, str]]:
     """The three job identities, created by jobs/registry_users.py as the admin; role -> (user, password)."""
@@ -125,10 +66,10 @@ def identities(auth_server: AuthServer) -> dict[str, tuple[str, str]]:
     os.environ.update(env)
     try:
         with identity(*auth_server.admin):
-            code = _job("registry_users").main(["--model", NAME])
+            code = load_job("registry_users").main(["--model", NAME])
             assert code == 0
             # Again: idempotent (users exist, passwords re-set, grants re-applied).
-            assert _job("registry_users").main(["--model", NAME]) == 0
+            assert load_job("registry_users").main(["--model", NAME]) == 0
     finally:
         for key, value in saved.items():
             if value is None:
@@ -164,7 +105,7 @@ def promoted(identities: dict, staged: dict, color_data: str) -> dict:
     from mlflow import MlflowClient
 
     with identity(*identities["promotion"]):
-        code = _job("promote").main(
+        code = load_job("promote").main(
             ["--name", NAME, "--candidate", f"models:/{STAGING}@challenger", "--eval-data", color_data]
         )
         champion = MlflowClient().get_model_version_by_alias(NAME, "champion")
@@ -213,7 +154,7 @@ def test_unauthenticated_client_gets_nothing(auth_server: AuthServer, promoted: 
             MlflowClient().get_registered_model(NAME)
         assert info.value.error_code == "UNAUTHENTICATED"
         # A job without credentials: one clear line, exit 2.
-        code = _job("promote").main(["--history", NAME])
+        code = load_job("promote").main(["--history", NAME])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2 and "did not authenticate" in line and "MLFLOW_TRACKING_USERNAME unset" in line
 
@@ -290,7 +231,7 @@ def test_tagging_cannot_move_champion_or_change_tags(
         # copied in, and a refused one cannot even be recorded; each ends in one error line, exit 2.
         capsys.readouterr()
         for candidate in (staged["good2"], staged["bad"]):
-            code = _job("promote").main(
+            code = load_job("promote").main(
                 ["--name", NAME, "--candidate", f"models:/{STAGING}/{candidate}", "--eval-data", color_data]
             )
             out = capsys.readouterr()
@@ -298,7 +239,7 @@ def test_tagging_cannot_move_champion_or_change_tags(
             line = _one_error_line(out.err)
             assert "refused this operation for user 'mlc-tagging'" in line and "PERMISSION_DENIED" in line
         # Reading is what tagging is for: the history is readable.
-        assert _job("promote").main(["--history", NAME]) == 0
+        assert load_job("promote").main(["--history", NAME]) == 0
         assert "mlc-promotion" in capsys.readouterr().out
         after = MlflowClient().get_model_version(NAME, champion.version)
         assert MlflowClient().get_model_version_by_alias(NAME, "champion").version == champion.version
@@ -313,7 +254,7 @@ def test_promotion_refuses_a_worse_staging_version_and_can_roll_back(
 
     champion = promoted["champion"].version
     with identity(*identities["promotion"]):
-        code = _job("promote").main(
+        code = load_job("promote").main(
             ["--name", NAME, "--candidate", f"models:/{STAGING}/{staged['bad']}", "--eval-data", color_data]
         )
         assert code == 3, capsys.readouterr()
@@ -321,7 +262,7 @@ def test_promotion_refuses_a_worse_staging_version_and_can_roll_back(
         bad_tags = MlflowClient().get_model_version(STAGING, staged["bad"]).tags
         assert bad_tags["promotion.decision"] == "refused"  # recorded where the candidate lives
         # The same winner again is already the champion: no second copy.
-        code = _job("promote").main(
+        code = load_job("promote").main(
             ["--name", NAME, "--candidate", f"models:/{STAGING}@challenger", "--eval-data", color_data]
         )
         out = capsys.readouterr().out

@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

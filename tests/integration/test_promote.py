@@ -1,36 +1,22 @@
 """jobs/promote.py end to end against a real MLflow server: the gate, the audit trail, rollback, integrity.
 
-The sequence is one story on one registered model (tests run in file order and share state):
-a mediocre first model becomes champion, a worse challenger is refused, a better one is promoted,
-rollback restores the previous champion, and a version whose stored artifact was altered after
-registration is refused.
+The sequence is one story on one registered model: a mediocre first model becomes champion, a
+worse challenger is refused, a better one is promoted, rollback restores the previous champion, and
+a version whose stored artifact was altered after registration is refused. The story's steps run in
+order whatever order the tests run in (``Story``): each test can run alone.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.integration import test_registry as _registry
-from tests.integration.test_registry import BAD, GOOD, MEDIOCRE, MlflowServer, build_color_bundle
-
-# The session's MLflow server and the colour data set, shared with test_registry.py.
-mlflow_server = _registry.mlflow_server
-color_data = _registry.color_data
+from tests.helpers import BAD, GOOD, MEDIOCRE, MlflowServer, build_color_bundle, load_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 NAME = "promo-test"
-
-
-def _promote_job():
-    spec = importlib.util.spec_from_file_location("promote_job", REPO_ROOT / "jobs" / "promote.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _aliases() -> dict[str, str]:
@@ -63,17 +49,76 @@ def versions(
 
 
 def run_promote(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = _promote_job().main(["--name", NAME, *args])
+    code = load_job("promote").main(["--name", NAME, *args])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
 
-def test_first_promotion_is_allowed_and_says_so(versions: dict, color_data: str, capsys) -> None:
-    code, out = run_promote(["--candidate", versions["mediocre"], "--eval-data", color_data], capsys)
-    assert code == 0, out
-    assert "first promotion" in out and "PROMOTED" in out
-    assert _aliases()["champion"] == versions["mediocre"]
-    tags = _tags(versions["mediocre"])
+class Story:
+    """The promotion story on one registered model, replayed in order up to the step a test asks for.
+
+    Each step runs jobs/promote.py once (in story order, whatever order the tests run in) and keeps
+    what it printed plus the aliases and the tags right after it, so a test asserts on its own step
+    even when it runs alone (the earlier steps run first) or after a later step (its record stays).
+    """
+
+    STEPS = ("first", "worse", "better", "label_drop", "rollback")
+
+    def __init__(self, versions: dict[str, str], color_data: str) -> None:
+        self.versions, self.color_data = versions, color_data
+        self.done: dict[str, dict] = {}
+
+    def _promote(self, args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+        code, out = run_promote(args, capsys)
+        return {
+            "code": code,
+            "out": out,
+            "aliases": _aliases(),
+            "tags": {k: _tags(v) for k, v in self.versions.items()},
+        }
+
+    def _run(self, step: str, capsys: pytest.CaptureFixture[str]) -> dict:
+        v, data = self.versions, self.color_data
+        if step == "first":
+            return self._promote(["--candidate", v["mediocre"], "--eval-data", data], capsys)
+        if step == "worse":
+            return self._promote(["--candidate", v["bad"], "--eval-data", data], capsys)
+        if step == "better":
+            # The newest registration (the tamper copy) holds @challenger; point it at the good version.
+            from mlflow import MlflowClient
+
+            MlflowClient().set_registered_model_alias(NAME, "challenger", v["good"])
+            # --candidate defaults to challenger; --eval-data to the val rows of its training manifest.
+            return self._promote([], capsys)
+        if step == "label_drop":
+            # Against the good champion, the mediocre model loses a whole label: refused on the metric
+            # and on the per-label limit; with --min-delta -1 only the per-label limit can refuse it.
+            return self._promote(
+                ["--candidate", v["mediocre"], "--eval-data", data, "--min-delta", "-1"], capsys
+            )
+        assert step == "rollback"
+        first = self._promote(["--rollback"], capsys)
+        first["again"] = self._promote(["--rollback"], capsys)  # rolling back again swaps back
+        return first
+
+    def at(self, step: str, capsys: pytest.CaptureFixture[str]) -> dict:
+        for earlier in self.STEPS[: self.STEPS.index(step) + 1]:
+            if earlier not in self.done:
+                self.done[earlier] = self._run(earlier, capsys)
+        return self.done[step]
+
+
+@pytest.fixture(scope="module")
+def story(versions: dict, color_data: str) -> Story:
+    return Story(versions, color_data)
+
+
+def test_first_promotion_is_allowed_and_says_so(story: Story, versions: dict, capsys) -> None:
+    step = story.at("first", capsys)
+    assert step["code"] == 0, step["out"]
+    assert "first promotion" in step["out"] and "PROMOTED" in step["out"]
+    assert step["aliases"]["champion"] == versions["mediocre"]
+    tags = step["tags"]["mediocre"]
     assert tags["promotion.decision"] == "promoted" and tags["promotion.role"] == "candidate"
 
 
@@ -84,12 +129,13 @@ def test_dry_run_changes_nothing(versions: dict, color_data: str, capsys) -> Non
     assert _aliases() == before_aliases and _tags(versions["good"]) == before_tags
 
 
-def test_worse_challenger_is_refused_with_audit_tags(versions: dict, color_data: str, capsys) -> None:
-    code, out = run_promote(["--candidate", versions["bad"], "--eval-data", color_data], capsys)
+def test_worse_challenger_is_refused_with_audit_tags(story: Story, versions: dict, capsys) -> None:
+    step = story.at("worse", capsys)
+    code, out = step["code"], step["out"]
     assert code == 3, out
     assert "REFUSED" in out and "macro_f1" in out
-    assert _aliases()["champion"] == versions["mediocre"]
-    cand, champ = _tags(versions["bad"]), _tags(versions["mediocre"])
+    assert step["aliases"]["champion"] == versions["mediocre"]
+    cand, champ = step["tags"]["bad"], step["tags"]["mediocre"]
     for tags, role in ((cand, "candidate"), (champ, "champion")):
         assert tags["promotion.decision"] == "refused"
         assert tags["promotion.role"] == role
@@ -100,45 +146,39 @@ def test_worse_challenger_is_refused_with_audit_tags(versions: dict, color_data:
         assert any(k.startswith("promotion.log.") for k in tags)
 
 
-def test_better_challenger_is_promoted_and_previous_kept(versions: dict, color_data: str, capsys) -> None:
-    # The newest registration (the tamper copy) holds @challenger; point it at the good version.
-    from mlflow import MlflowClient
-
-    MlflowClient().set_registered_model_alias(NAME, "challenger", versions["good"])
-    # --candidate defaults to challenger; --eval-data to the val rows of its training manifest.
-    code, out = run_promote([], capsys)
+def test_better_challenger_is_promoted_and_previous_kept(
+    story: Story, versions: dict, color_data: str, capsys
+) -> None:
+    step = story.at("better", capsys)
+    code, out = step["code"], step["out"]
     assert code == 0, out
-    aliases = _aliases()
+    aliases = step["aliases"]
     assert aliases["champion"] == versions["good"]
     assert aliases["previous-champion"] == versions["mediocre"]
     assert "challenger" not in aliases  # the promoted version is no longer waiting for evaluation
-    tags = _tags(versions["good"])
+    tags = step["tags"]["good"]
     assert tags["promotion.decision"] == "promoted"
     assert tags["promotion.eval_data"] == f"{color_data} [auto]" and "24 images" in out
     assert float(tags["promotion.candidate_value"]) > float(tags["promotion.champion_value"])
 
 
-def test_label_drop_gate(versions: dict, color_data: str, capsys) -> None:
-    # Against the good champion, the mediocre model loses a whole label: refused on the metric and
-    # on the per-label limit; with --min-delta -1 only the per-label limit can refuse it.
-    code, out = run_promote(
-        ["--candidate", versions["mediocre"], "--eval-data", color_data, "--min-delta", "-1"], capsys
-    )
-    assert code == 3, out
-    assert "blue" in out and "drops by more than 0.030" in out
-    assert _aliases()["champion"] == versions["good"]
+def test_label_drop_gate(story: Story, versions: dict, capsys) -> None:
+    step = story.at("label_drop", capsys)
+    assert step["code"] == 3, step["out"]
+    assert "blue" in step["out"] and "drops by more than 0.030" in step["out"]
+    assert step["aliases"]["champion"] == versions["good"]
 
 
-def test_rollback_restores_previous_champion(versions: dict, capsys) -> None:
-    code, out = run_promote(["--rollback"], capsys)
-    assert code == 0, out
-    aliases = _aliases()
+def test_rollback_restores_previous_champion(story: Story, versions: dict, capsys) -> None:
+    step = story.at("rollback", capsys)
+    assert step["code"] == 0, step["out"]
+    aliases = step["aliases"]
     assert aliases["champion"] == versions["mediocre"]
     assert aliases["previous-champion"] == versions["good"]
-    assert _tags(versions["mediocre"])["promotion.decision"] == "rolled-back"
+    assert step["tags"]["mediocre"]["promotion.decision"] == "rolled-back"
     # Rolling back again swaps back.
-    code, _ = run_promote(["--rollback"], capsys)
-    assert code == 0 and _aliases()["champion"] == versions["good"]
+    again = step["again"]
+    assert again["code"] == 0 and again["aliases"]["champion"] == versions["good"]
 
 
 def test_tampered_artifact_is_refused(
@@ -163,7 +203,7 @@ def test_tampered_artifact_is_refused(
 
 
 def test_unknown_model_is_a_user_error(mlflow_server: MlflowServer, capsys) -> None:
-    code = _promote_job().main(["--name", "no-such-model", "--eval-data", "x.csv"])
+    code = load_job("promote").main(["--name", "no-such-model", "--eval-data", "x.csv"])
     err = capsys.readouterr().err
     assert code == 2 and "no registered model 'no-such-model'" in err
 
@@ -193,7 +233,7 @@ def held_out(mlflow_server: MlflowServer, color_data: str, tmp_path_factory: pyt
 
 
 def _promote_held_out(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = _promote_job().main(["--name", HELD_OUT, *args])
+    code = load_job("promote").main(["--name", HELD_OUT, *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

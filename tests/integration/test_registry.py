@@ -1,7 +1,8 @@
 """The MLflow registry against a real ``mlflow server`` process: register, resolve, pyfunc.
 
-One server per test session (sqlite backend, local proxied artifact root, 127.0.0.1, a free
-port), shared with ``test_promote.py``. The bundles are real ONNX graphs with a known quality on a
+One server per test session (the ``mlflow_server`` fixture in tests/conftest.py: sqlite backend,
+local proxied artifact root, 127.0.0.1, a free port), shared with ``test_promote.py`` and
+``test_alias_history.py``; the colour bundles are built by tests/helpers.py. The bundles are real ONNX graphs with a known quality on a
 colour data set: label c ("red"/"green"/"blue") is present when channel c is bright, and a model
 scores label c from a weighted mix of the channel means. The weights decide how good it is, so
 promotion tests can build a better or a worse model without training one.
@@ -9,203 +10,32 @@ promotion tests can build a better or a worse model without training one.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, wait_for_port
+from tests.helpers import COLOR_LABELS as LABELS
+from tests.helpers import (
+    GOOD,
+    REPO_ROOT,
+    MlflowServer,
+    build_color_bundle,
+    onnx_reference,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-LABELS = ["red", "green", "blue"]
-IMAGE_SIZE = 32
-GOOD = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # label c reads channel c: right on every label
-MEDIOCRE = [[1, 0, 0], [0, 1, 0], [1, 0, 0]]  # "blue" reads the red channel: chance on "blue"
-BAD = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]  # inverted: wrong on every label
 
 
 # ---------------------------------------------------------------------------------------------- server
 
 
-class MlflowServer:
-    """``mlflow server`` in its own process: sqlite metadata, proxied local artifact root.
-
-    ``app_name="basic-auth"`` runs MLflow's authentication app (its config file and admin come
-    from ``env``: MLFLOW_AUTH_CONFIG_PATH, MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD).
-    """
-
-    def __init__(self, root: Path, *, app_name: str | None = None, env: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.artifact_root = root / "artifacts"
-        self._log = open(root / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{root / 'mlflow.db'}",
-                "--serve-artifacts",
-                "--artifacts-destination",
-                str(self.artifact_root),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                *(["--app-name", app_name] if app_name else []),
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            env={**os.environ, **(env or {})},
-        )
-        wait_for_port(self.port, timeout=120, proc=self.proc)
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real tracking server for the session; MLFLOW_TRACKING_URI points every client (and child) at it."""
-    import mlflow
-
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = server.uri
-    mlflow.set_tracking_uri(server.uri)
-    yield server
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
-    mlflow.set_tracking_uri(saved or "")
-    server.stop()
-
-
 # ---------------------------------------------------------------------------------------------- data
-
-
-def make_color_data(root: Path, n: int = 48, seed: int = 0) -> str:
-    """JPEGs whose labels are their bright channels, a manifest with a val split, labels.txt."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        on = rng.random(3) < 0.5
-        pixels = np.where(on, 200, 50)[None, None, :] + rng.integers(-20, 21, size=(40, 40, 3))
-        name = f"images/{i:03d}.jpg"
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / name, quality=95)
-        labels = "|".join(label for label, flag in zip(LABELS, on, strict=True) if flag)
-        rows.append({"image": name, "labels": labels, "split": "val" if i % 2 else "train"})
-    with open(root / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "labels", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
-    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    return str(root / "manifest.csv")
-
-
-def _color_onnx(path: Path, weights: list[list[float]]) -> None:
-    """uint8 NHWC images -> sigmoid(8 * W @ (channel means - 127.5) / 127.5) as 'probabilities'."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = (8.0 * np.asarray(weights, dtype=np.float32).T) / 127.5  # (3 channels, 3 labels)
-    nodes = [
-        helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=0),
-        helper.make_node("Sub", ["mean", "centre"], ["centred"]),
-        helper.make_node("MatMul", ["centred", "w"], ["logits"]),
-        helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "color_tagger",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", IMAGE_SIZE, IMAGE_SIZE, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(LABELS)])],
-        initializer=[
-            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
-            numpy_helper.from_array(np.array([127.5], dtype=np.float32), "centre"),
-            numpy_helper.from_array(w, "w"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def build_color_bundle(bundle: Path, weights: list[list[float]], tag: str = "") -> Path:
-    """A model bundle (the files export/calibrate write) around a colour ONNX graph."""
-    from mlc_ray.calibrate import Thresholds
-    from mlc_ray.data.images import PreprocessConfig
-
-    bundle.mkdir(parents=True, exist_ok=True)
-    _color_onnx(bundle / "model.onnx", weights)
-    (bundle / "labels.json").write_text(json.dumps(LABELS))
-    preprocess = PreprocessConfig(image_size=IMAGE_SIZE)
-    (bundle / "preprocess.json").write_text(json.dumps(preprocess.to_dict()))
-    Thresholds(
-        labels=list(LABELS), values=[0.5] * len(LABELS), method="fixed", support=[0] * 3, fallback_labels=[]
-    ).save(str(bundle / "thresholds.json"))
-    (bundle / "metrics.json").write_text(json.dumps({"macro_f1": 0.5, "note": tag}))
-    (bundle / "model.json").write_text(json.dumps({"arch": "color-test", "num_labels": 3}))
-    return bundle
-
-
-def onnx_reference(bundle: Path, data: list[bytes]) -> np.ndarray:
-    """The plain ONNX path: decode, preprocess, onnxruntime; independent of the pyfunc wrapper."""
-    import onnxruntime as ort
-
-    from mlc_ray.data.images import PreprocessConfig, decode_image, preprocess_eval
-
-    cfg = PreprocessConfig.from_dict(json.loads((bundle / "preprocess.json").read_text()))
-    batch = np.stack([preprocess_eval(decode_image(d).array, cfg) for d in data])
-    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    return session.run(["probabilities"], {"images": batch})[0]
-
-
-@pytest.fixture(scope="module")
-def color_data(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_color_data(tmp_path_factory.mktemp("color"))
 
 
 # ---------------------------------------------------------------------------------------------- tests

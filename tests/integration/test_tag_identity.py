@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mlc_ray.tagging.config import TagConfig
-from tests.integration.test_tagging import IMAGE_SIZE, make_bundle, photo_jpeg, read_table
+from tests.helpers import TAG_IMAGE_SIZE as IMAGE_SIZE
+from tests.helpers import make_bundle, photo_jpeg, read_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -62,7 +63,7 @@ def test_finished_run_started_again_says_complete_and_counts_new_keys(
 ) -> None:
     import importlib.util
 
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("tag_job", REPO_ROOT / "jobs" / "tag.py")
     job = importlib.util.module_from_spec(spec)

@@ -7,7 +7,7 @@ import pytest
 
 from mlc_ray import storage
 from mlc_ray.tagging.config import TagConfig
-from tests.integration.test_tagging import make_bundle, read_table, upload_images
+from tests.helpers import make_bundle, read_table, upload_images
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -24,72 +23,11 @@ from PIL import Image
 from mlc_ray import storage
 from mlc_ray.tagging.config import TagConfig
 from mlc_ray.tagging.table import TAG_TABLE_SCHEMA
+from tests.helpers import REPO_ROOT as REPO
+from tests.helpers import TAG_LABELS as LABELS
+from tests.helpers import color_images, make_bundle, read_table, train_color_bundle, upload_images
 
-REPO = Path(__file__).resolve().parents[2]
-LABELS = ["a", "b", "c", "d", "e", "f", "g"]
-IMAGE_SIZE = 32
 N_IMAGES = 300
-
-
-def make_bundle(root: Path) -> str:
-    """A complete, tiny model bundle: model.onnx (uint8 NHWC -> probabilities) + json side files."""
-    import torch
-
-    from mlc_ray.calibrate import Thresholds
-    from mlc_ray.data.images import PreprocessConfig
-    from mlc_ray.models import ImageTagger, create_model
-
-    root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    pre = PreprocessConfig(image_size=IMAGE_SIZE)
-    tagger = ImageTagger(create_model("mobilenet_v1", len(LABELS), width=0.25), pre).eval()
-    from mlc_ray.export.onnx import export_onnx
-
-    export_onnx(tagger, str(root / "model.onnx"), image_size=IMAGE_SIZE)
-    (root / "labels.json").write_text(json.dumps(LABELS))
-    (root / "preprocess.json").write_text(pre.to_json())
-    Thresholds(labels=LABELS, values=[0.5] * len(LABELS), method="fixed").save(str(root / "thresholds.json"))
-    return str(root)
-
-
-def photo_jpeg(i: int, size: tuple[int, int] = (56, 44)) -> bytes:
-    rng = np.random.default_rng(i)
-    w, h = size
-    base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, 3)
-    arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def upload_images(
-    bucket: str, prefix: str, n: int, *, start: int = 0, with_bad: bool = True
-) -> dict[str, str | None]:
-    """Put n objects under s3://bucket/prefix; returns uri -> expected error code (None for good)."""
-    from mlc_ray.data.demo import bad_image_samples, good_image_samples
-
-    expected: dict[str, str | None] = {}
-    items: list[tuple[str, bytes, str | None]] = []
-    if with_bad:
-        items += [(f"bad/{s.name}", s.data, s.expected_error) for s in bad_image_samples()]
-        items += [(f"odd/{s.name}", s.data, None) for s in good_image_samples()]
-    i = start
-    while len(items) < n:
-        items.append((f"photos/{i:05d}.jpg", photo_jpeg(i), None))
-        i += 1
-    client = storage.s3_client()
-    for key, data, err in items[:n]:
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
-        expected[f"s3://{bucket}/{prefix}/{key}"] = err
-    return expected
-
-
-def read_table(output: str) -> pa.Table:
-    """Every committed file of the table (pyarrow dataset over the dt= partitions)."""
-    import pyarrow.dataset as pads
-
-    fs, path = storage.arrow_filesystem(output)
-    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +248,6 @@ def test_driver_killed_midway_then_rerun_exactly_once(bundle, images, tmp_path) 
 def exported_bundle(tmp_path_factory) -> str:
     """A trained colour tagger exported as fp32 + int8 (it passed its gate) + ncnn."""
     from mlc_ray.export import export_bundle
-    from tests.unit.test_quantize import color_images, train_color_bundle
 
     folder, _ = train_color_bundle(tmp_path_factory.mktemp("exported") / "bundle")
     val_images, val_targets = color_images(120, seed=7)
@@ -329,7 +266,6 @@ def exported_bundle(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def color_inputs(images) -> tuple[str, list[str]]:
     """24 colour JPEGs (labels = bright channels) next to the module's inputs."""
-    from tests.unit.test_quantize import color_images
 
     pixels, _ = color_images(24, seed=21)
     client = storage.s3_client()

@@ -93,7 +93,7 @@ def test_tag_table_equals_pyfunc_and_evaluation_on_realistic_images(photo_bundle
     from mlc_ray.evaluation import BundleScorer
     from mlc_ray.pyfunc_model import ImageTaggerModel
     from mlc_ray.tagging.pipeline import run_tagging
-    from tests.integration.test_tagging import read_table
+    from tests.helpers import read_table
 
     uris = sorted(realistic_images)
     scorer = BundleScorer(photo_bundle)

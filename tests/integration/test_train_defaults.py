@@ -14,7 +14,7 @@ import pytest
 
 from mlc_ray.data.demo import generate_demo
 from mlc_ray.models import arch_defaults, list_models
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

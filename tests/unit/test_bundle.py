@@ -10,7 +10,9 @@ import pytest
 from mlc_ray.bundle import ARTIFACT_FILES, BundleIntegrityError, ModelBundle
 from mlc_ray.calibrate import Thresholds
 from mlc_ray.export.parity import synthetic_images, torch_probabilities
-from tests.unit.test_export_ncnn import LABELS, SIZE, write_bundle
+from tests.helpers import EXPORT_LABELS as LABELS
+from tests.helpers import EXPORT_SIZE as SIZE
+from tests.helpers import write_bundle
 
 pytestmark = pytest.mark.timeout(60)
 

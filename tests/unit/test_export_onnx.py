@@ -13,7 +13,9 @@ from mlc_ray.export.ncnn import NCNN_INPUT, ncnn_input_graph
 from mlc_ray.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_probabilities, onnx_session
 from mlc_ray.export.parity import synthetic_images, torch_probabilities
 from mlc_ray.models import build_tagger, create_model, model_spec
-from tests.unit.test_export_ncnn import LABELS, SIZE, randomise
+from tests.helpers import EXPORT_LABELS as LABELS
+from tests.helpers import EXPORT_SIZE as SIZE
+from tests.helpers import randomise
 
 pytestmark = pytest.mark.timeout(120)
 

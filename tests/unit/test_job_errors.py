@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -27,7 +27,7 @@ def _job(name: str):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from mlc_ray.data.demo import generate_demo
-    from tests.integration.test_tagging import make_bundle
+    from tests.helpers import make_bundle
 
     root = tmp_path_factory.mktemp("inputs")
     data = generate_demo(str(root / "demo"), seed=3, num_train=8, num_val=4, image_size=32)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -22,95 +21,12 @@ from mlc_ray.data.manifest import (
     load_manifest,
     split_train_val,
 )
-
-# vocabulary order deliberately not sorted: labels.txt must win over the sorted set
-VOCAB = ["dog", "cat", "bird"]
-ROWS = [  # (relative image path, labels, split)
-    ("images/a.jpg", ["cat", "dog"], "train"),
-    ("images/b.jpg", ["dog"], "train"),
-    ("images/c.jpg", [], "train"),
-    ("images/sub/d.jpg", ["bird", "cat"], "val"),
-    ("images/e.jpg", ["bird"], "val"),
-    ("images/f.jpg", ["cat"], "test"),
-]
-EXPECTED_MULTI_HOT = np.array(
-    [[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 1, 1], [0, 0, 1], [0, 1, 0]],
-    dtype=np.uint8,
+from tests.helpers import (
+    FORMATS,
+    check_same_data,
+    tiny_jpeg,
+    write_formats,
 )
-# single-label twin for the folder-per-class layout (seed 004): sorted folder order
-FOLDER_ROWS = [("classes/cat/1.jpg", "cat"), ("classes/cat/2.png", "cat"), ("classes/dog/3.jpg", "dog")]
-FORMATS = ["csv", "jsonl", "parquet", "seed003", "seed002"]
-
-
-def _tiny_jpeg() -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_formats(root: str) -> dict[str, str]:
-    """Write ROWS as csv/jsonl/parquet/seed003/seed002 (+ labels.txt) and FOLDER_ROWS as a folder
-    tree with its csv twin. Returns {format name: manifest URI}."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from mlc_ray import storage
-
-    j = storage.join
-    jpeg = _tiny_jpeg()
-    for path, _, _ in ROWS:
-        storage.write_bytes(j(root, path), jpeg)
-    storage.write_text(j(root, "labels.txt"), "\n".join(VOCAB) + "\n")
-    csv_lines = ["image,labels,split"] + [f"{p},{'|'.join(ls)},{s}" for p, ls, s in ROWS]
-    storage.write_text(j(root, "manifest.csv"), "\n".join(csv_lines) + "\n")
-    jsonl = [json.dumps({"image": p, "labels": ls, "split": s}) for p, ls, s in ROWS]
-    storage.write_text(j(root, "manifest.jsonl"), "\n".join(jsonl) + "\n")
-    table = pa.table(
-        {
-            "image": [p for p, _, _ in ROWS],
-            "labels": pa.array([ls for _, ls, _ in ROWS], pa.list_(pa.string())),
-            "split": [s for _, _, s in ROWS],
-        }
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(j(root, "manifest.parquet"), buf.getvalue())
-    # seed 003: "NAME COUNT" lines + a 0/1 matrix in labels.txt order (no split column in this format)
-    storage.write_text(j(root, "train_image_list.txt"), "".join(f"{p} {len(ls)}\n" for p, ls, _ in ROWS))
-    matrix = "".join(" ".join("1" if v in ls else "0" for v in VOCAB) + "\n" for _, ls, _ in ROWS)
-    storage.write_text(j(root, "train_image_label.txt"), matrix)
-    # seed 002: NUS-WIDE JSON; its own "labels" list fixes the order
-    nus = {"samples": [{"image_name": p, "image_labels": ls} for p, ls, _ in ROWS], "labels": VOCAB}
-    storage.write_text(j(root, "nus_wide.json"), json.dumps(nus))
-    # seed 004: folder per class, in a root of its own (no labels.txt there: sorted folder names)
-    folder_root = j(root, "folders")
-    for path, _ in FOLDER_ROWS:
-        storage.write_bytes(j(folder_root, path), jpeg)
-    storage.write_text(j(folder_root, "classes", "README.txt"), "not an image, not a label\n")
-    twin = ["image,labels"] + [f"{p},{label}" for p, label in FOLDER_ROWS]
-    storage.write_text(j(folder_root, "twin.csv"), "\n".join(twin) + "\n")
-    return {
-        "csv": j(root, "manifest.csv"),
-        "jsonl": j(root, "manifest.jsonl"),
-        "parquet": j(root, "manifest.parquet"),
-        "seed003": j(root, "train_image_list.txt"),
-        "seed002": j(root, "nus_wide.json"),
-        "folder": j(folder_root, "classes"),
-        "folder_twin": j(folder_root, "twin.csv"),
-    }
-
-
-def check_same_data(manifest: Manifest, root: str, *, with_splits: bool) -> None:
-    from mlc_ray import storage
-
-    assert manifest.images == [storage.join(root, p) for p, _, _ in ROWS]
-    assert manifest.vocabulary == VOCAB
-    assert manifest.labels == [[v for v in VOCAB if v in ls] for _, ls, _ in ROWS]  # vocabulary order
-    np.testing.assert_array_equal(manifest.multi_hot(), EXPECTED_MULTI_HOT)
-    assert manifest.multi_hot().dtype == np.uint8
-    assert manifest.splits == ([s for _, _, s in ROWS] if with_splits else [None] * len(ROWS))
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +216,7 @@ def test_nus_wide_json_problems(tmp_path) -> None:
 
 def test_folder_not_in_labels_file(tmp_path) -> None:
     (tmp_path / "cat").mkdir()
-    (tmp_path / "cat" / "1.jpg").write_bytes(_tiny_jpeg())
+    (tmp_path / "cat" / "1.jpg").write_bytes(tiny_jpeg())
     (tmp_path / "labels.txt").write_text("dog\n")
     _expect_error(tmp_path, str(tmp_path), "folder(s) ['cat']", "labels.txt")
 

@@ -14,7 +14,9 @@ from mlc_ray.export.onnx import INPUT_NAME, export_onnx, onnx_probabilities
 from mlc_ray.export.parity import synthetic_images, torch_probabilities
 from mlc_ray.export.quantize import int8_accuracy_gate, preprocessing_nodes, quantize_int8
 from mlc_ray.models import build_tagger, model_spec
-from tests.unit.test_export_ncnn import LABELS, SIZE, randomise, write_bundle
+from tests.helpers import COLOR_SIZE, color_images, randomise, train_color_bundle, write_bundle
+from tests.helpers import EXPORT_LABELS as LABELS
+from tests.helpers import EXPORT_SIZE as SIZE
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -148,47 +150,6 @@ def test_export_bundle_applies_the_gate(tmp_path):
 
 
 # ---- the gate on a trained model: keeps int8 that is as good, rejects int8 made worse on purpose ---
-
-COLOR_LABELS = ["red", "green", "blue"]
-COLOR_SIZE = 32
-
-
-def color_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, 32, 32, 3) noisy images whose labels are their bright channels, and (n, 3) targets."""
-    rng = np.random.default_rng(seed)
-    on = rng.random((n, 3)) < 0.5
-    pixels = np.where(on, 190, 60)[:, None, None, :] + rng.normal(0, 25, (n, COLOR_SIZE, COLOR_SIZE, 3))
-    return pixels.clip(0, 255).astype(np.uint8), on.astype(np.uint8)
-
-
-def train_color_bundle(folder, *, steps: int = 80, seed: int = 0):
-    """A bundle (model.pt, model.json, labels.json, preprocess.json, thresholds.json) of MobileNet V1
-    x0.25 at 32 px trained with AdamW on ``color_images``: val macro-F1 ~1 in a few seconds on a CPU."""
-    import json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    pre = PreprocessConfig(image_size=COLOR_SIZE)
-    spec = model_spec("mobilenet_v1", len(COLOR_LABELS), width=0.25)
-    tagger = build_tagger(spec, pre)
-    images, targets = color_images(512, seed=seed + 1)
-    opt = torch.optim.AdamW(tagger.parameters(), lr=5e-3)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    rng = np.random.default_rng(seed)
-    tagger.train()
-    for _ in range(steps):
-        idx = rng.choice(len(images), 32, replace=False)
-        loss = loss_fn(tagger(torch.from_numpy(images[idx])), torch.from_numpy(targets[idx]).float())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    tagger.eval()
-    torch.save(tagger.state_dict(), folder / "model.pt")
-    (folder / "model.json").write_text(json.dumps(spec))
-    (folder / "labels.json").write_text(json.dumps(COLOR_LABELS))
-    (folder / "preprocess.json").write_text(pre.to_json())
-    Thresholds(COLOR_LABELS, [0.5] * 3, "fixed").save(str(folder / "thresholds.json"))
-    return folder, tagger
 
 
 @pytest.fixture(scope="module")
