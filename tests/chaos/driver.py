@@ -39,7 +39,8 @@ def _die(point: str) -> None:
 def install_kill(point: str, n: int) -> None:
     """Monkeypatch the library so this process SIGKILLs itself at ``point`` the ``n``-th time."""
     from mlc_ray import storage
-    from mlc_ray.tagging import inputs, pipeline, table
+    from mlc_ray.tagging import commit as commit_stage
+    from mlc_ray.tagging import inputs, table
 
     calls = {"n": 0}
 
@@ -57,7 +58,7 @@ def install_kill(point: str, n: int) -> None:
 
         inputs.ShardStore.put = put
     elif point == "mid-shard":
-        real_add = pipeline._ShardBuffer.add
+        real_add = commit_stage.ShardBuffer.add
         real_commit = table.TagTableWriter.commit
         committed = {"n": 0}
 
@@ -75,7 +76,7 @@ def install_kill(point: str, n: int) -> None:
                 )
             return result
 
-        pipeline._ShardBuffer.add = add
+        commit_stage.ShardBuffer.add = add
         table.TagTableWriter.commit = counting_commit
     elif point == "commit":
         real_client = storage.s3_client
@@ -105,7 +106,6 @@ def install_kill(point: str, n: int) -> None:
             return uri
 
         table.TagTableWriter.commit = commit
-        pipeline.TagTableWriter = table.TagTableWriter
     else:
         raise SystemExit(f"--kill-at: unknown point {point!r}; use one of {KILL_POINTS}")
 
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     if args.read_block_keys:
-        from mlc_ray.tagging import pipeline
+        from mlc_ray.tagging import window
 
-        pipeline.READ_BLOCK_KEYS = args.read_block_keys
+        window.READ_BLOCK_KEYS = args.read_block_keys
     if args.kill_at:
         point, _, n = args.kill_at.partition(":")
         install_kill(point, int(n or 1))

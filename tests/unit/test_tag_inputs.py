@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from mlc_ray.config import ConfigError
+from mlc_ray.tagging.commit import ShardBuffer
 from mlc_ray.tagging.config import TagConfig, parse_actors
 from mlc_ray.tagging.inputs import InputKey, Shard, ShardStore, is_manifest, iter_input_keys, iter_shards
-from mlc_ray.tagging.pipeline import _ShardBuffer, choose_parallelism
+from mlc_ray.tagging.parallelism import choose_parallelism
 from mlc_ray.tagging.state import (
     RunState,
     TaggedIndex,
@@ -135,7 +136,7 @@ def test_shard_buffer_dedupes_retried_rows() -> None:
     import pyarrow as pa
 
     shard = Shard(0, ("a", "b"), (None, None))
-    buf = _ShardBuffer(shard)
+    buf = ShardBuffer(shard)
 
     def part(pos):
         return pa.table({"image_uri": [shard.uris[p] for p in pos], "_pos": pa.array(pos, pa.int32())})
