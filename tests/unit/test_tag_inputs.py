@@ -164,14 +164,16 @@ def test_config_validation() -> None:
 
 
 def test_parallelism_rule_leaves_room_for_reads() -> None:
+    # under 8 CPUs no CPU is kept back: one 1-thread actor per CPU, sharing the read task's half CPU
     two = choose_parallelism(2)
-    assert (two.min_actors, two.threads_per_actor) == (1, 1)
+    assert (two.min_actors, two.threads_per_actor) == (2, 1)
+    assert 2 * two.cpus_per_actor + two.read_cpus <= 2
     sixteen = choose_parallelism(16)
     assert sixteen.min_actors * sixteen.threads_per_actor <= 14
     assert choose_parallelism(16, actors=(2, 4), threads_per_actor=3).max_actors == 4
     gpu = choose_parallelism(16, cluster_gpus=2, use_gpu=True)
     assert gpu.max_actors == 2 and gpu.gpus_per_actor == 1.0
-    assert two.cpus_per_actor == 1.0 and sixteen.cpus_per_actor == sixteen.threads_per_actor
+    assert two.cpus_per_actor == 0.75 and sixteen.cpus_per_actor == sixteen.threads_per_actor
 
 
 def test_explicit_parallelism_never_starves_the_read_tasks() -> None:
