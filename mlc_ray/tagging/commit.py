@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -79,10 +80,12 @@ class ShardCommitter:
     ) -> None:
         self.writer, self.counts_dir = writer, counts_dir
         self.report, self.summary = report, summary
+        self.seconds = 0.0  # time spent in commit(): Parquet write + rename, counts, report stats
 
     def commit(self, buf: ShardBuffer) -> str:
         from mlc_ray import storage
 
+        started = time.monotonic()
         table = buf.table(keep_thumbs=True)
         uri = self.writer.commit(table, buf.shard.index, buf.shard.digest)
         codes = Counter(error_code(e) for e in table.column("error").to_pylist() if e)
@@ -93,6 +96,7 @@ class ShardCommitter:
         )
         self.summary.images_this_attempt += table.num_rows
         log.info("committed shard %d (%d rows) -> %s", buf.shard.index, table.num_rows, uri)
+        self.seconds += time.monotonic() - started
         return uri
 
 

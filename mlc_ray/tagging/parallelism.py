@@ -1,14 +1,16 @@
 """How many inference actors, with how many threads each: ``choose_parallelism``.
 
 The rule, overridable with ``--actors`` / ``--threads-per-actor``: with C cluster CPUs, keep
-R = max(1, C // 8) CPUs for the read tasks and the driver (reads are I/O bound: each read task holds
-``num_cpus=0.5`` and many threads); give each inference actor T = 1 intra-op thread when C - R < 4,
+R = C // 8 CPUs for the read tasks and the driver when C >= 8, none below (reads are I/O bound: each
+read task holds ``num_cpus=0.5`` and many threads, and a few ms of CPU per image does not need a
+whole CPU of a small machine); give each inference actor T = 1 intra-op thread when C - R < 4,
 else T = 2 (onnxruntime scales sub-linearly with threads, so more single-session actors beat one
 wide session); actors = (C - R) // T, fixed size. With ``--use-gpu``: one actor per GPU,
 T = max(1, (C - R) // GPUs) CPU threads for its decoding. Each actor reserves T CPUs, unless the
-minimum pool (explicit ``--actors`` / ``--threads-per-actor``) would leave less than a read task's
-0.5 CPU: then the actors share what is left (quarter CPUs, threads oversubscribed) and a warning
-says so, because a pool that holds every CPU never runs a read task.
+minimum pool would leave less than a read task's 0.5 CPU (always so below 8 CPUs; an explicit
+``--actors`` / ``--threads-per-actor`` too large): then the actors share what is left (quarter
+CPUs, threads oversubscribed; a warning when the pool was explicit), because a pool that holds
+every CPU never runs a read task.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from mlc_ray.cli import UserError
 __all__ = ["Parallelism", "choose_parallelism"]
 
 log = logging.getLogger(__name__)
+
+SMALL_CLUSTER_CPUS = 8  # below this, no CPU is kept back from the actors for the read tasks
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,11 @@ def choose_parallelism(
 ) -> Parallelism:
     """Actors and threads from the cluster's CPUs (the rule is in the module docstring)."""
     cpus = max(1, int(cluster_cpus))
-    reserve = max(1, cpus // 8)
+    # under 8 CPUs a whole CPU kept back for reads idles most of the time (a read costs a few ms of
+    # CPU, mostly waiting): the actors take every CPU and share the read tasks' half CPU (below)
+    reserve = cpus // 8 if cpus >= SMALL_CLUSTER_CPUS else 0
     budget = max(1, cpus - reserve)
+    explicit = actors is not None or threads_per_actor is not None
     if use_gpu:
         gpus = max(1, int(cluster_gpus))
         n = actors or (gpus, gpus)
@@ -72,7 +79,7 @@ def choose_parallelism(
                 f"{par.min_actors} inference actors and the read tasks; use fewer actors or more CPUs"
             )
         share = float(int(share * 4) / 4)  # quarter CPUs
-        log.warning(
+        (log.warning if explicit else log.info)(
             "%d actor(s) x %d thread(s) would leave no CPU for the read tasks on %g CPUs: each actor "
             "reserves %.2f CPUs and runs its %d threads on them",
             par.min_actors,

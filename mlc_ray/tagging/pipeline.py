@@ -91,6 +91,35 @@ log = logging.getLogger(__name__)
 WINDOW_KEYS = 50_000  # keys per Ray Dataset: bounds the driver's buffered results
 
 
+class Timings:
+    """Wall seconds by phase, in order: ``lap(name)`` charges the time since the previous lap to
+    ``name``; ``carve`` moves a measured part of a phase into its own entry, just before it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._mark
+        self._mark = now
+
+    def carve(self, whole: str, part: str, seconds: float) -> None:
+        if whole not in self.seconds or seconds <= 0:
+            return
+        seconds = min(seconds, self.seconds[whole])
+        out: dict[str, float] = {}
+        for key, value in self.seconds.items():
+            if key == whole:
+                out[part] = out.get(part, 0.0) + seconds
+                value -= seconds
+            out[key] = value
+        self.seconds = out
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
 def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSummary:
     """Tag every image of ``cfg.input`` into the tag table at ``cfg.output`` (resuming the same run)."""
     import ray
@@ -100,6 +129,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     from mlc_ray.tagging.backends import model_files_for
 
     t0 = time.monotonic()
+    timings = Timings()
 
     # [1] resolve the model once; load what the actors need (before anything is written)
     model = resolve(cfg)
@@ -114,6 +144,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
 
     options = cfg.tag_options
     options.check(labels)  # an unknown label in --labels: one error line, before anything is written
+    timings.lap("model resolve")
 
     # [2] run identity and state; list into shards unless an earlier attempt finished the listing
     settings = row_affecting_settings(
@@ -189,9 +220,19 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     )
 
     # [3]+[4] tag pending shards, window by window; each shard is committed as soon as it is whole
+    timings.lap("run state + listing")
     t_tag = time.monotonic()
+    committer = None
+    first_rows: list[float] = []
+    pool_start_s = 0.0
     if pending:
-        init_ray()
+        # a local embedded Ray (no RAY_ADDRESS) starts without its dashboard: the job does not use
+        # it and on a small machine it is seconds of the run's fixed cost (MLC_RAY_DASHBOARD=1 keeps it)
+        local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+        if local and os.environ.get("MLC_RAY_DASHBOARD", "") not in ("1", "true"):
+            init_ray(include_dashboard=False)
+        else:
+            init_ray()
         quiet_ray_progress()
         resources = ray.cluster_resources()
         par = choose_parallelism(
@@ -228,6 +269,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             "sample_thumbnails": cfg.report,
         }
         committer = ShardCommitter(writer, counts_dir, report, summary)
+        timings.lap("Ray start")
         window = max(1, WINDOW_KEYS // cfg.shard_size)
         for w in range(0, len(pending), window):
             shards = [store.get(i) for i in pending[w : w + window]]
@@ -236,7 +278,12 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
                     raise RuntimeError(
                         f"{store.uri(shard.index)}: descriptor does not match the run's listing"
                     )
-            stats = tag_window(cfg, shards, par, predictor_kwargs, committer, progress=progress)
+            started, seen = time.monotonic(), len(first_rows)
+            stats = tag_window(
+                cfg, shards, par, predictor_kwargs, committer, progress=progress, first_rows=first_rows
+            )
+            if len(first_rows) > seen:
+                pool_start_s += first_rows[-1] - started
             # Ray Data's per-operator timings (read tasks, Predictor actors, the driver's wait):
             # where a run's time went, kept beside its state for whoever tunes the job
             stats_uri = storage.join(
@@ -245,11 +292,16 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             storage.write_text(stats_uri, stats)
             log.info("Ray Data stats of this window: %s", stats_uri)
     wall_tag = time.monotonic() - t_tag
+    if pending:
+        timings.lap("tagging")
+        timings.carve("tagging", "actor pool start + model load (to the first rows)", pool_start_s)
+        timings.carve("tagging", "shard commits", committer.seconds if committer else 0.0)
 
     # [5] totals over every shard of the run (earlier attempts included)
     if pending and progress.done:
         progress.log()  # the last progress line: where the run ended
     summary.images, errors, totals = gather_totals(counts_dir, digests, writer, labels, thresholds.values)
+    timings.lap("totals")
     summary.errors_by_code = dict(sorted(errors.items()))
     summary.ok = summary.images - sum(errors.values())
     summary.wall_s = round(time.monotonic() - t0, 3)
@@ -259,7 +311,12 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         summary.notice = finished_run_notice(run_id, input_uri, store, len(digests), summary.images)
         log.warning("%s", summary.notice)
 
-    # [6] the report (files + MLflow run) and the drift check against the model's validation rates
+    # [6] the report (files + MLflow run) and the drift check against the model's validation rates.
+    # A run that listed nothing (an incremental run with nothing new) has nothing to report: no
+    # report files and no MLflow run (a scheduled hourly run would add an empty one every hour)
+    if not digests and report.enabled:
+        log.info("nothing new to tag: no report and no MLflow run for run %s", run_id)
+        report.enabled = False
     drift, doc = report.finish(
         json.loads(summary.to_json()),
         totals,
@@ -270,12 +327,14 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         n_shards=len(digests),
         log_to_mlflow=cfg.mlflow,
     )
+    timings.lap("report + MLflow")
     summary.drift = [d.to_dict() for d in drift if d.status in ("moved", "too few")]
     summary.drift_available = report.expectation is not None
     if doc is not None:
         summary.report = doc["index"]
         summary.mlflow_run_id = doc["mlflow_run_id"]
     rdir = run_dir(cfg.output, run_id)
+    summary.timings_s = timings.rounded()
     storage.write_text(storage.join(rdir, "summary.json"), summary.to_json())
     if summary.error_rate_ok:
         storage.write_text(storage.join(rdir, "_SUCCESS"), summary.to_json())

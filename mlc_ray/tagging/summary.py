@@ -41,6 +41,8 @@ class TagSummary:
     images_this_attempt: int = 0
     wall_s: float = 0.0
     images_per_s: float = 0.0  # images tagged by this attempt / its wall time
+    # where this attempt's wall time went, by phase (seconds, in order; see pipeline.Timings)
+    timings_s: dict[str, float] = field(default_factory=dict)
     max_error_rate: float = 1.0
     incremental: bool = False
     finished_at: str = ""
@@ -87,6 +89,8 @@ class TagSummary:
             ("this attempt", f"{self.images_this_attempt} images in {self.wall_s:.1f} s"),
             ("images/s", f"{self.images_per_s:.1f}"),
         ]
+        if self.timings_s:
+            rows.append(("time", ", ".join(f"{k} {v:.1f} s" for k, v in self.timings_s.items())))
         if self.tag_options != "{}":
             rows.append(("tag options", self.tag_options))
         moved = [d for d in self.drift if d.get("status") == "moved"]

@@ -11,6 +11,7 @@ and the images of its uncommitted shards are isolated (``isolation.py``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -46,9 +47,11 @@ def tag_window(
     committer: ShardCommitter,
     *,
     progress: ProgressLine,
+    first_rows: list[float] | None = None,
 ) -> str:
     """[3]+[4] one Ray Dataset over a window of shards; commit each shard as soon as it is whole.
-    Returns the dataset's execution stats (``Dataset.stats()``)."""
+    Returns the dataset's execution stats (``Dataset.stats()``). ``first_rows``: when given, the
+    ``time.monotonic()`` at which the window's first rows reached the driver is appended to it."""
     import ray
 
     buffers = {s.index: ShardBuffer(s) for s in shards}
@@ -81,8 +84,11 @@ def tag_window(
         del buffers[buf.shard.index]
 
     actor_deaths = actor_death_errors()
+    started = time.monotonic()
     try:
         for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if first_rows is not None and (not first_rows or first_rows[-1] < started):
+                first_rows.append(time.monotonic())
             shard_ids = np.asarray(part.column("_shard").to_numpy(zero_copy_only=False))
             for index in np.unique(shard_ids):
                 buf = buffers.get(int(index))

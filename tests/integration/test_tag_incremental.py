@@ -59,3 +59,33 @@ def unreadable_uris(output: str, run_id: str) -> set[str]:
     table = read_table(output)
     rows = table.filter(pc.equal(table.column("run_id"), run_id)).to_pylist()
     return {r["image_uri"] for r in rows if (r["error"] or "").startswith("unreadable")}
+
+
+def test_incremental_run_with_nothing_new_ends_quickly_without_an_actor_pool(
+    s3_server, ray_local, tmp_path, bundle
+) -> None:
+    """An hourly incremental run that finds nothing new: no Ray, no actor pool, no report, no MLflow
+    run, and it ends in seconds (issue 13: <= 5 s; the in-process part is checked here)."""
+    import numpy as np
+    from PIL import Image
+
+    from mlc_ray.tagging.pipeline import run_tagging
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        arr = np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:03d}.jpg", quality=85)
+    cfg = TagConfig(model=bundle, input=str(folder), output=str(tmp_path / "tags"), incremental=True)
+    first = run_tagging(cfg)
+    assert first.images == 12 and first.errors == 0
+    assert (
+        "Ray start" in first.timings_s
+        and "actor pool start + model load (to the first rows)" in first.timings_s
+    )
+
+    again = run_tagging(cfg)
+    assert (again.images, again.shards, again.images_this_attempt) == (0, 0, 0)
+    assert not any("Ray" in k or "actor" in k or "tagging" in k for k in again.timings_s), again.timings_s
+    assert not again.report and again.mlflow_run_id is None
+    assert again.wall_s <= 5.0, again.timings_s

@@ -164,14 +164,16 @@ def test_config_validation() -> None:
 
 
 def test_parallelism_rule_leaves_room_for_reads() -> None:
+    # under 8 CPUs no CPU is kept back: one 1-thread actor per CPU, sharing the read task's half CPU
     two = choose_parallelism(2)
-    assert (two.min_actors, two.threads_per_actor) == (1, 1)
+    assert (two.min_actors, two.threads_per_actor) == (2, 1)
+    assert 2 * two.cpus_per_actor + two.read_cpus <= 2
     sixteen = choose_parallelism(16)
     assert sixteen.min_actors * sixteen.threads_per_actor <= 14
     assert choose_parallelism(16, actors=(2, 4), threads_per_actor=3).max_actors == 4
     gpu = choose_parallelism(16, cluster_gpus=2, use_gpu=True)
     assert gpu.max_actors == 2 and gpu.gpus_per_actor == 1.0
-    assert two.cpus_per_actor == 1.0 and sixteen.cpus_per_actor == sixteen.threads_per_actor
+    assert two.cpus_per_actor == 0.75 and sixteen.cpus_per_actor == sixteen.threads_per_actor
 
 
 def test_explicit_parallelism_never_starves_the_read_tasks() -> None:
@@ -185,3 +187,34 @@ def test_explicit_parallelism_never_starves_the_read_tasks() -> None:
     assert four.cpus_per_actor == 0.25 and 4 * four.cpus_per_actor + four.read_cpus <= 2
     with pytest.raises(UserError, match="too few"):
         choose_parallelism(2, actors=(8, 8), threads_per_actor=1)
+
+
+def test_run_timings_charge_each_phase_once_and_carve_parts_in_order(monkeypatch) -> None:
+    from mlc_ray.tagging import pipeline
+
+    clock = iter([0.0, 1.0, 3.0, 10.0, 10.5])
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: next(clock))
+    t = pipeline.Timings()  # mark at 0
+    t.lap("model resolve")  # 1
+    t.lap("Ray start")  # 2
+    t.lap("tagging")  # 7
+    t.carve("tagging", "actor pool start", 4.0)
+    t.carve("tagging", "shard commits", 9.0)  # more than is left: capped at what the phase holds
+    t.lap("report")  # 0.5
+    assert list(t.rounded()) == [
+        "model resolve",
+        "Ray start",
+        "actor pool start",
+        "shard commits",
+        "tagging",
+        "report",
+    ]
+    assert t.rounded() == {
+        "model resolve": 1.0,
+        "Ray start": 2.0,
+        "actor pool start": 4.0,
+        "shard commits": 3.0,
+        "tagging": 0.0,
+        "report": 0.5,
+    }
+    assert sum(t.rounded().values()) == 10.5
