@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -683,6 +683,10 @@ class PromotionDecision:
     train_overlap: str = ""  # how many eval images the candidate was trained on, and how that was checked
     dry_run: bool = False
     candidate_source: str | None = None  # models:/STAGING/VERSION when the candidate is another model's
+    # further evidence a promote() gate attached (the shadow comparison, mlc_ray/shadow.py): objects
+    # with report_lines() -> list[str], audit_tags() -> dict (latest tags) and history() -> dict
+    # (short entries for the promotion.log record)
+    evidence: list[Any] = field(default_factory=list)
     at: str = field(default_factory=_now_utc)
     by: str = field(default_factory=_acting_user)
     _event_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6], repr=False)
@@ -725,6 +729,8 @@ class PromotionDecision:
                 worst = sorted(self.label_drops.items(), key=lambda kv: -kv[1])[:8]
                 drops = ", ".join(f"{label} -{d:.3f}" for label, d in worst)
                 lines.append(f"F1 drops   (limit {self.max_label_drop:.3f}): {drops}")
+        for item in self.evidence:
+            lines.extend(item.report_lines())
         verdict = "PROMOTED" if self.promoted else "REFUSED"
         if self.action == "rollback":
             verdict = "ROLLED BACK" if self.promoted else "NOT ROLLED BACK"
@@ -761,6 +767,9 @@ class PromotionDecision:
         history_key = f"promotion.log.{self.at.replace(':', '').replace('-', '')}.{self._event_id}"
         record = {k: tags[k] for k in tags if k not in ("promotion.at",)}
         record["promotion.seq"] = str(self._seq)
+        for item in self.evidence:
+            tags.update(item.audit_tags())
+            record.update(item.history())
         tags[history_key] = json.dumps(record, sort_keys=True, separators=(",", ":"))
         return tags
 
@@ -864,6 +873,7 @@ def promote(
     cache_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     allow_train_overlap: bool = False,
+    gate: Callable[[PromotionDecision], None] | None = None,
 ) -> PromotionDecision:
     """Evaluate ``candidate`` (a version number or an alias) and the champion on the same data.
 
@@ -877,7 +887,10 @@ def promote(
     to the val rows of its training manifest (tag ``manifest_uri``), which must then have a split
     column. Evaluation data holding any of the candidate's training images (same URI or same
     bytes, tag ``train_images_uri``) is a ``UserError`` naming the count, unless
-    ``allow_train_overlap``; the decision's report and audit tags then say so.
+    ``allow_train_overlap``; the decision's report and audit tags then say so. ``gate`` (the
+    shadow comparison, ``mlc_ray.shadow.shadow_gate``) runs after the labelled evaluation, before
+    any alias moves: it may turn the decision into a refusal and attaches its figures
+    (``decision.evidence``) to the report and the audit tags.
     """
     from mlc_ray.evaluation import _read_all, evaluate_bundle
 
@@ -1008,6 +1021,8 @@ def promote(
                     f"+ {min_delta:.4f} and no label drops more than {max_label_drop:.3f}"
                 )
 
+    if gate is not None:
+        gate(decision)
     if dry_run:
         return decision
     client = _client()
