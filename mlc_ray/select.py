@@ -105,7 +105,9 @@ class SelectConfig:
 
     table: str | None = None  # tag table root (s3:// or local): what jobs/tag.py --output wrote
     budget: int = 500  # rows in the queue (images to label)
-    out: str = "queue.csv"  # the queue manifest (.csv / .jsonl / .parquet); labels.txt is written beside it
+    # the queue manifest (.csv / .jsonl / .parquet), labels.txt beside it; "{date}" = today (UTC), for
+    # a scheduled job that keeps each week's queue
+    out: str = "queue.csv"
     run: str | None = None  # only rows of this run id (default: every run, latest row per image)
     version: str | None = None  # only rows of this model version
     compare: str | None = (
@@ -144,6 +146,12 @@ class SelectConfig:
     @property
     def shares(self) -> dict[str, float]:
         return _parse_mix(self.mix)
+
+    @property
+    def out_uri(self) -> str:
+        from datetime import UTC, datetime
+
+        return self.out.replace("{date}", datetime.now(UTC).strftime("%Y-%m-%d"))
 
     @property
     def has_compare(self) -> bool:
@@ -196,22 +204,62 @@ class QueueResult:
 
 def key_hash(etags: pa.Array, uris: pa.Array) -> np.ndarray:
     """uint64 identity of each row's image: its ``source_etag``, or its URI when it has none."""
-    import pandas as pd
     import pyarrow.compute as pc
 
     etags = pc.if_else(
         pc.equal(pc.fill_null(etags, ""), ""), pc.binary_join_element_wise("uri:", uris, ""), etags
     )
-    values = np.asarray(etags.to_numpy(zero_copy_only=False), dtype=object)
-    return pd.util.hash_array(values).astype(np.uint64)
+    return _hash_strings(etags)
+
+
+_MASK64 = (1 << 64) - 1
+_POW_BASE = np.uint64(0x100000001B3)  # FNV's 64-bit prime: an odd multiplier mod 2**64
+_POWERS = np.ones(1, dtype=np.uint64)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads every input bit over the 64 output bits."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash_strings(arr: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each string, vectorised over Arrow's buffers (no Python string per row):
+    a polynomial hash of the bytes mod 2**64 plus the length, through splitmix64's finaliser."""
+    global _POWERS
+    arr = arr.cast(pa.large_string()) if arr.type != pa.large_string() else arr
+    if arr.null_count:
+        arr = arr.fill_null("")
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = (
+        np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+        if arr.buffers()[2] is not None
+        else np.zeros(0, np.uint8)
+    )
+    start = int(offsets[0])
+    rel = offsets - start
+    lengths = np.diff(rel)
+    nbytes = int(rel[-1])
+    longest = int(lengths.max()) if len(lengths) else 0
+    if len(_POWERS) < longest:
+        with np.errstate(over="ignore"):  # P**0, P**1, ... wrapping mod 2**64
+            _POWERS = np.cumprod(np.concatenate([np.ones(1, np.uint64), np.full(longest - 1, _POW_BASE)]))
+    h = np.zeros(len(lengths), dtype=np.uint64)
+    if nbytes:
+        pos = np.arange(nbytes, dtype=np.int64) - np.repeat(rel[:-1], lengths)
+        with np.errstate(over="ignore"):
+            contrib = (data[start : start + nbytes].astype(np.uint64) + np.uint64(1)) * _POWERS[pos]
+        nonempty = lengths > 0
+        h[nonempty] = np.add.reduceat(contrib, rel[:-1][nonempty])
+    with np.errstate(over="ignore"):
+        return _mix64(h ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
 
 
 def _seeded(keys: np.ndarray, seed: int) -> np.ndarray:
     """A uniform random order of images that depends only on (image, seed)."""
-    x = keys ^ np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    with np.errstate(over="ignore"):
+        return _mix64(keys ^ np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64))
 
 
 @dataclass
@@ -273,7 +321,7 @@ class _Source:
 class _Latest:
     """Which row of each image is the latest: sorted unique key hashes and their largest tagged_at."""
 
-    REDUCE_ROWS = 4_000_000
+    REDUCE_ROWS = 2_000_000  # rows buffered between merges: bounds the merge's temporary arrays
 
     def __init__(self) -> None:
         self.keys = np.zeros(0, dtype=np.uint64)
@@ -308,7 +356,10 @@ class _Latest:
     def is_latest(self, keys: np.ndarray, times: np.ndarray) -> np.ndarray:
         if not len(self.keys):
             return np.zeros(len(keys), dtype=bool)
-        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        order = np.argsort(keys)  # sorted queries: numpy's binary search starts from the last hit
+        pos = np.empty(len(keys), dtype=np.int64)
+        pos[order] = np.searchsorted(self.keys, keys[order])
+        pos = np.minimum(pos, len(self.keys) - 1)
         return (self.keys[pos] == keys) & (self.times[pos] == times)
 
 
@@ -356,9 +407,10 @@ def _scores(batch: pa.RecordBatch, labels: list[str] | None) -> tuple[list[str],
     if labels is None:
         labels = [str(x) for x in flat.field("label")[: int(lengths[0])].to_pylist()]
     n_labels = len(labels)
-    if (lengths != n_labels).any() or not pc.all(
-        pc.equal(flat.field("label"), pa.array(np.tile(np.array(labels, dtype=object), len(lengths))))
-    ).as_py():
+    names = pc.index_in(flat.field("label"), value_set=pa.array(labels)).fill_null(-1).to_numpy()
+    if (lengths != n_labels).any() or not np.array_equal(
+        names.reshape(len(lengths), n_labels), np.broadcast_to(np.arange(n_labels), (len(lengths), n_labels))
+    ):
         raise UserError(
             "the selected rows come from models with different labels; pick one model's rows with "
             "--run RUN_ID or --version V"
@@ -491,23 +543,21 @@ class _Pool:
 
 
 def _row_maker(batch: pa.RecordBatch) -> Any:
-    cache: dict[str, list] = {}
+    """``make(i, ...)``: the queue row of the batch's row i (only candidates become Python objects)."""
 
-    def column(name: str) -> list:
-        if name not in cache:
-            cache[name] = batch.column(name).to_pylist()
-        return cache[name]
+    def value(name: str, i: int) -> Any:
+        return batch.column(name)[i].as_py()
 
     def make(i: int, reason: str, score: float, label: str) -> dict:
         return {
-            "image": column("image_uri")[i],
-            "labels": list(column("labels")[i] or []),
+            "image": value("image_uri", i),
+            "labels": list(value("labels", i) or []),
             "reason": reason,
             "score": float(score),
             "label": label,
-            "source_etag": column("source_etag")[i],
-            "model_version": column("model_version")[i],
-            "run_id": column("run_id")[i],
+            "source_etag": value("source_etag", i),
+            "model_version": value("model_version", i),
+            "run_id": value("run_id", i),
         }
 
     return make
@@ -595,8 +645,9 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
                 other = _Source(cfg.compare or cfg.table, cfg.compare_run, cfg.compare_version)
                 compare = _compare_index(other, labels, cfg.batch_size)
         make = _row_maker(batch)
-        shas = batch.column("thresholds_sha256").to_pylist()
-        t = np.stack([thresholds[s] for s in shas]) if len(set(shas)) > 1 else thresholds[shas[0]][None, :]
+        shas = pc.dictionary_encode(batch.column("thresholds_sha256"))
+        table_t = np.stack([thresholds[str(sha)] for sha in shas.dictionary.to_pylist()])
+        t = table_t[np.asarray(shas.indices.to_numpy(), dtype=np.int64)]
         s = np.clip(scores.astype(np.float64), _EPS, 1 - _EPS)
         tt = np.clip(t, _EPS, 1 - _EPS)
         margin = np.abs(np.log(s / (1 - s)) - np.log(tt / (1 - tt)))
@@ -634,18 +685,26 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
     rare = {c: n for c, n in combos.items() if n <= rare_max}
     rare_pools: dict[str, _Pool] = {}
     if rare and shares.get("rare_combination", 0) > 0:
-        rare_pools = {c: _Pool(min(cfg.budget, n)) for c, n in rare.items()}
+        # round-robin, rarest first, takes at most `budget` rows: keep the `budget` rarest combinations,
+        # each with as many rows as an equal share of the budget (or all it has)
+        kept = sorted(rare, key=lambda c: (rare[c], c))[: cfg.budget]
+        share = max(1, math.ceil(cfg.budget / len(kept)))
+        rare_pools = {c: _Pool(min(share, rare[c])) for c in kept}
+        wanted_set = pa.array(kept, pa.string())
         for batch in source.batches(_SCAN_COLUMNS, cfg.batch_size):
+            joined_arr = pc.binary_join(batch.column("labels"), "|")
+            member = pc.index_in(joined_arr, value_set=wanted_set).fill_null(-1).to_numpy()
+            if not (member >= 0).any():
+                continue
             keys = _keys(batch)
-            win = latest.is_latest(keys, _times(batch))
-            joined = pc.binary_join(batch.column("labels"), "|").to_pylist()
-            hit = np.array([w and c in rare for w, c in zip(win, joined, strict=True)], dtype=bool)
+            hit = (member >= 0) & latest.is_latest(keys, _times(batch))
             if not hit.any():
                 continue
             make = _row_maker(batch)
             order = _seeded(keys, cfg.seed).astype(np.float64) / 2.0**64
-            for c in {joined[i] for i in np.flatnonzero(hit)}:
-                idx = np.flatnonzero(hit & np.array([x == c for x in joined]))
+            for m in np.unique(member[hit]):
+                c = kept[int(m)]
+                idx = np.flatnonzero(hit & (member == m))
                 rare_pools[c].offer(
                     order[idx],
                     keys[idx],
@@ -713,9 +772,10 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
             draw(reason, cfg.budget - len(picked))
 
     rows = [QueueRow(key=k, **r) for k, r in picked.items()]
-    _write_queue(cfg.out, rows, labels)
+    out = cfg.out_uri
+    _write_queue(out, rows, labels)
     result = QueueResult(
-        out=cfg.out,
+        out=out,
         rows=rows,
         labels=labels,
         rows_scanned=latest.rows,
@@ -727,7 +787,7 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
         label_quota=quota,
         wall_s=round(time.monotonic() - t0, 2),
     )
-    log.info("labelling queue: %d images -> %s", len(rows), cfg.out)
+    log.info("labelling queue: %d images -> %s", len(rows), out)
     return result
 
 

@@ -384,3 +384,26 @@ def test_job_runs_as_a_script(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "queue" in proc.stdout and len(read_queue(tmp_path / "q.csv")) == 4
+
+
+def test_out_may_name_the_date(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    write_run(tmp_path / "t", "r1", np.random.default_rng(8).random((20, 3)))
+    res = select_queue(SelectConfig(table=str(tmp_path / "t"), budget=3, out=str(tmp_path / "q-{date}.csv")))
+    expected = tmp_path / f"q-{datetime.now(UTC):%Y-%m-%d}.csv"
+    assert res.out == str(expected) and len(read_queue(expected)) == 3
+
+
+def test_image_keys_hash_equal_strings_equally_and_distinct_ones_apart() -> None:
+    import pyarrow as pa
+
+    from mlc_ray.select import key_hash
+
+    uris = pa.array([f"s3://photos/{i:07d}.jpg" for i in range(200_000)])
+    etags = pa.array([None if i % 3 else f"{i:032x}" for i in range(200_000)])
+    keys = key_hash(etags, uris)
+    assert len(np.unique(keys)) == 200_000
+    assert np.array_equal(key_hash(etags.slice(17), uris.slice(17)), keys[17:])  # Arrow offsets
+    again = key_hash(pa.array(["", None, "e", "e"]), pa.array(["a", "b", "c", "d"]))
+    assert again[2] == again[3] and again[0] != again[1]  # no ETag: the URI decides
