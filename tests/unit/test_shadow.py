@@ -120,3 +120,32 @@ def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
 
     with pytest.raises(ConfigError, match=message):
         ShadowConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--force"], "need --shadow URI"),
+        (["--max-rate-change", "0.5"], "need --shadow URI"),
+        (["--shadow", "{tmp}/nothing"], "does not exist"),
+        (["--shadow", "{tmp}", "--shadow-sample", "0"], "--shadow-sample"),
+        (["--shadow", "{tmp}", "--max-rate-change", "0"], "--max-rate-change"),
+        (["--shadow", "{tmp}", "--rollback"], "rollback"),
+    ],
+)
+def test_promote_shadow_flags_are_checked_before_the_registry(
+    tmp_path: Path, argv: list[str], message: str, capsys, monkeypatch
+) -> None:
+    import importlib.util
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens: not contacted
+    _images(tmp_path, 3)
+    spec = importlib.util.spec_from_file_location(
+        "promote_job", Path(__file__).parents[2] / "jobs" / "promote.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    code = job.main(["--name", "m", *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
