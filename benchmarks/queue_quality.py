@@ -7,7 +7,7 @@ On the demo set, where the truth is known, with the jobs a user runs:
   [1] ``jobs/train.py``   the demo recipe (configs/demo.yaml) on the demo set -> registered v1
   [2] a "production" pool: ``--pool`` fresh demo images (another seed: never trained on), truth kept aside
   [3] ``jobs/tag.py``     tag the pool with v1 into a tag table
-  [4] ``jobs/select.py``  a queue of ``--budget`` images (the default mix); and ``--random`` random
+  [4] ``jobs/select_queue.py``  a queue of ``--budget`` images (the default mix); and ``--random`` random
                           samples of the same size (``--mix random:1 --seed S``), the control
   [5] an image is *wrongly tagged* when its predicted label set (the queue's pre-filled ``labels``)
       is not its true label set; report the share in the queue, per reason, and in the random samples
@@ -125,14 +125,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # [4] the queue, and the random control
     queue = work / "queue.csv"
-    job(work, "select.py", "--table", str(work / "tags"), "--budget", str(args.budget), "--out", str(queue))
+    job(
+        work,
+        "select_queue.py",
+        "--table",
+        str(work / "tags"),
+        "--budget",
+        str(args.budget),
+        "--out",
+        str(queue),
+    )
     q_share, q_n, per_reason = wrong_share(queue, true)
     shares = []
     for seed in range(args.random):
         rnd = work / f"random-{seed}.csv"
         job(
             work,
-            "select.py",
+            "select_queue.py",
             "--table",
             str(work / "tags"),
             "--budget",

@@ -1,10 +1,10 @@
-"""Memory and time of the labelling-queue selection (``jobs/select.py``) on a synthetic tag table.
+"""Memory and time of the labelling-queue selection (``jobs/select_queue.py``) on a synthetic tag table.
 
     python benchmarks/select_queue.py --rows 10000000 --runs 2 --labels 7 --root /tmp/select-bench
 
 writes (once; reused when present) a tag table of ``--rows`` rows in the exact tag-table schema
 (``--runs`` runs over ``rows / runs`` images, so "latest row per image" has work to do, 5% of the
-images under two URIs with one ETag), then runs ``jobs/select.py`` on it in a child process per
+images under two URIs with one ETag), then runs ``jobs/select_queue.py`` on it in a child process per
 case and reports its peak RSS (``ru_maxrss``), wall time and queue size. Cases: the default mix
 over every run; the same with the second run compared against the first (disagreement). The
 figures go into BENCHMARKS.md "Labelling queue".
@@ -118,11 +118,11 @@ sys.exit(code)
 
 
 def run_case(argv: list[str]) -> dict:
-    """jobs/select.py in a child process of its own: its peak RSS (its own ru_maxrss) and wall time."""
+    """jobs/select_queue.py in a child process of its own: its peak RSS (its own ru_maxrss) and wall time."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(REPO / "jobs" / "select.py"), *argv],
+        [sys.executable, "-c", _CHILD, str(REPO / "jobs" / "select_queue.py"), *argv],
         env=env,
         capture_output=True,
         text=True,

@@ -1,6 +1,6 @@
 """The labelling queue: pick the images of a tag table that would teach the model most.
 
-``select_queue(cfg)`` is ``jobs/select.py``. It reads the Parquet tag table with
+``select_queue(cfg)`` is ``jobs/select_queue.py``. It reads the Parquet tag table with
 ``pyarrow.dataset`` scans (a few columns, batch by batch; the table is never loaded whole) and
 writes a manifest in the project's format (``image``, ``labels`` pre-filled from the prediction,
 plus ``reason``, ``score``, ``label`` and provenance columns) that a labelling tool imports and
@@ -101,7 +101,7 @@ def _parse_mix(text: str) -> dict[str, float]:
 
 @dataclass
 class SelectConfig:
-    """One labelling-queue selection (``jobs/select.py``); YAML keys = field names."""
+    """One labelling-queue selection (``jobs/select_queue.py``); YAML keys = field names."""
 
     table: str | None = None  # tag table root (s3:// or local): what jobs/tag.py --output wrote
     budget: int = 500  # rows in the queue (images to label)

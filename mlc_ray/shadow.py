@@ -22,7 +22,7 @@ figures go into the promotion report (``report_lines``) and the versions' audit 
 (``audit_tags``: ``promotion.shadow*``); the report files (``shadow.json``, ``report.txt``, the
 contact sheet) are logged to an MLflow run in experiment ``promotion`` (``promotion.shadow.report``
 names it), and stay under ``output`` when one is given (the two runs' tag table too, which
-``jobs/select.py --run A --compare-run B`` can mine).
+``jobs/select_queue.py --run A --compare-run B`` can mine).
 
 The sample: every key under the input is hashed with the seed (blake2b of ``seed:uri``) and the N
 smallest hashes are kept while the listing streams by (a bounded heap, N keys in memory): a uniform

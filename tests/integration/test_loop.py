@@ -75,7 +75,7 @@ def test_train_tag_select_label_retrain_promote_tag(
 
     # [3] select a queue of 10: a manifest, one row per image, labels pre-filled from the prediction
     queue = tmp_path / "queue" / "queue.csv"
-    code, out = job("select", ["--table", str(tags), "--budget", "10", "--out", str(queue)], capsys)
+    code, out = job("select_queue", ["--table", str(tags), "--budget", "10", "--out", str(queue)], capsys)
     assert code == 0, out
     picked = read_csv(queue)
     assert len(picked) == 10 == len({r["image"] for r in picked}) == len({r["source_etag"] for r in picked})
@@ -122,6 +122,6 @@ def test_train_tag_select_label_retrain_promote_tag(
     rows = table_rows(tags)
     assert sorted(r["model_version"] for r in rows) == ["1"] * 41 + ["2"] * 41
     # and the two versions' rows are what the next queue's disagreement share compares
-    code, out = job("select", ["--table", str(tags), "--version", "2", "--compare-version", "1",
+    code, out = job("select_queue", ["--table", str(tags), "--version", "2", "--compare-version", "1",
                                "--budget", "5", "--out", str(tmp_path / "queue2.csv")], capsys)  # fmt: skip
     assert code == 0 and "41 tagged by both sources" in out, out

@@ -145,10 +145,14 @@ def test_the_sample_is_the_same_for_the_same_seed(
     versions, color_data, incoming, tmp_path, ray_local, capsys
 ) -> None:
     code, _ = run_promote(
-        ["--candidate", versions["drops_blue"], "--dry-run", *shadow_args(incoming, tmp_path / "a")], capsys
+        ["--candidate", versions["drops_blue"], "--dry-run", *shadow_args(incoming, tmp_path / "a")],
+        color_data,
+        capsys,
     )
     code2, _ = run_promote(
-        ["--candidate", versions["drops_blue"], "--dry-run", *shadow_args(incoming, tmp_path / "b")], capsys
+        ["--candidate", versions["drops_blue"], "--dry-run", *shadow_args(incoming, tmp_path / "b")],
+        color_data,
+        capsys,
     )
     assert code == code2 == 3
     a = (tmp_path / "a" / "sample.csv").read_text()

@@ -159,5 +159,5 @@ def test_scheduled_select_reads_the_table_the_scheduled_tagging_writes() -> None
     tag = " ".join((ROOT / "cluster" / "kuberay" / "raycronjob-tag.yaml").read_text().split())
     select = " ".join((ROOT / "cluster" / "kuberay" / "cronjob-select.yaml").read_text().split())
     table = re.search(r"jobs/tag\.py .*?--output (\S+)", tag).group(1)
-    assert f"python jobs/select.py --table {table}" in select
+    assert f"python jobs/select_queue.py --table {table}" in select
     assert "schedule: 0 2 * * *" in tag and "schedule: 0 6 * * 1" in select  # after that night's tagging

@@ -1,4 +1,4 @@
-"""The labelling queue (mlc_ray.select, jobs/select.py) on small tag tables written by the real writer.
+"""The labelling queue (mlc_ray.select, jobs/select_queue.py) on small tag tables written by the real writer.
 
 No Ray: tables are built with ``tag_rows`` + ``TagTableWriter`` (the tagging pipeline's own schema
 and commit), scores chosen so the expected queue can be computed by hand or by brute force.
@@ -329,7 +329,7 @@ def test_job_errors_are_one_line(tmp_path: Path, argv: list[str], message: str, 
     import importlib.util
 
     write_run(tmp_path / "t", "r1", np.full((5, 3), 0.5))
-    spec = importlib.util.spec_from_file_location("select_job", REPO / "jobs" / "select.py")
+    spec = importlib.util.spec_from_file_location("select_job", REPO / "jobs" / "select_queue.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     code = job.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
@@ -338,50 +338,21 @@ def test_job_errors_are_one_line(tmp_path: Path, argv: list[str], message: str, 
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
 
 
+def test_no_job_script_shadows_a_standard_module() -> None:
+    """`python jobs/X.py` puts jobs/ first on sys.path: a jobs/select.py would replace the standard
+    `select` module that subprocess (and Ray, torch) import, and break every job."""
+    names = {p.stem for p in (REPO / "jobs").glob("*.py")}
+    assert not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)
+
+
 def test_job_runs_as_a_script(tmp_path: Path) -> None:
-    """``python jobs/select.py``: the script is named like the standard ``select`` module, which
-    subprocess (and Ray, asyncio) import; the job must still run."""
     write_run(tmp_path / "t", "r1", np.random.default_rng(7).random((30, 3)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "select.py"),
-            "--table",
-            str(tmp_path / "t"),
-            "--budget",
-            "4",
-            "--out",
-            str(tmp_path / "q.csv"),
-            "--thresholds",
-            "models:/missing/1",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    # models:/ thresholds import the registry (subprocess -> selectors -> select): it must be the real one
-    assert "has no attribute 'select'" not in proc.stderr, proc.stderr
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "select.py"),
-            "--table",
-            str(tmp_path / "t"),
-            "--budget",
-            "4",
-            "--out",
-            str(tmp_path / "q.csv"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+        [sys.executable, str(REPO / "jobs" / "select_queue.py"), "--table", str(tmp_path / "t"), "--budget", "4",
+         "--out", str(tmp_path / "q.csv")],
+        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "queue" in proc.stdout and len(read_queue(tmp_path / "q.csv")) == 4
 

@@ -1,6 +1,6 @@
 """Pick the images to label next from a tag table: a labelling queue in the manifest format.
 
-    python jobs/select.py --table s3://bucket/tags/photos/ --budget 500 --out queue.csv
+    python jobs/select_queue.py --table s3://bucket/tags/photos/ --budget 500 --out queue.csv
         [--run RUN_ID | --version V] [--compare TABLE] [--compare-run RUN_ID] [--compare-version V]
         [--mix uncertainty:0.6,disagreement:0.2,rare_combination:0.2] [--label-quota Q]
         [--rare-fraction 0.02] [--thresholds thresholds.json|BUNDLE|models:/NAME/VERSION]
@@ -14,22 +14,15 @@ no label takes more than --label-quota rows. The queue (image, labels pre-filled
 prediction, reason, score, label, source_etag, model_version, run_id) and labels.txt beside it
 are what a labelling tool imports and, once corrected, what `jobs/train.py --data` reads.
 Exit codes: 0 done, 2 a user error (no such table, bad flag, unknown thresholds).
+(Not `jobs/select.py`: `python jobs/X.py` puts jobs/ first on sys.path, and a `select.py` there would
+replace the standard library's `select` module for every job: subprocess, Ray and torch import it.)
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 
-# This file shares its name with the standard library's `select` module, and `python jobs/select.py`
-# puts jobs/ first on sys.path: without this, `import select` (subprocess, asyncio, Ray) would load
-# this script instead of the standard module.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-
-from mlc_ray.cli import ArgumentParser, run_job, setup_logging  # noqa: E402
+from mlc_ray.cli import ArgumentParser, run_job, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
