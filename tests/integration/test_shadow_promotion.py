@@ -175,7 +175,9 @@ def test_force_promotes_a_held_challenger_and_says_so(
     versions, color_data, incoming, tmp_path, ray_local, capsys
 ) -> None:
     code, out = run_promote(
-        ["--candidate", versions["drops_blue"], *shadow_args(incoming, tmp_path, "--force")], capsys
+        ["--candidate", versions["drops_blue"], *shadow_args(incoming, tmp_path, "--force")],
+        color_data,
+        capsys,
     )
     assert code == 0, out
     assert _aliases()["champion"] == versions["drops_blue"]
