@@ -31,8 +31,9 @@ One row per image.
 Memory: the scans hold one batch (``batch_size`` rows) at a time; across the table they keep 16
 bytes per distinct image (64-bit key hash + ``tagged_at``: which row is the latest), a second
 source's 8 + 3 x L bytes per image (key, float16 scores, listed flags), the count of each label
-combination, and candidate pools of at most ``budget`` rows per label and reason.
-BENCHMARKS.md "Labelling queue" measures it on a 10-million-row table.
+combination, and candidate pools of at most ``budget`` rows per label and reason. Measured peak
+(BENCHMARKS.md "Labelling queue"): 1.4 GiB on a 10-million-row table, more than these structures
+explain; the remainder grows with the rows scanned and is not traced yet.
 """
 
 from __future__ import annotations
