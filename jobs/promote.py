@@ -3,6 +3,8 @@
     python jobs/promote.py --name NAME [--eval-data MANIFEST] [--candidate challenger|VERSION]
         [--metric macro_f1] [--min-delta 0.0] [--max-label-drop 0.03] [--split auto] [--dry-run]
         [--allow-train-overlap]
+        [--shadow s3://bucket/incoming/ --shadow-sample N [--shadow-seed S] [--max-rate-change R]
+         [--shadow-min-count C] [--shadow-output DIR] [--force]]
     python jobs/promote.py --name NAME --rollback
     python jobs/promote.py --history NAME
 
@@ -13,6 +15,12 @@ any of the candidate's training images (same URI or same bytes) is refused with 
 --allow-train-overlap (the report then says the comparison is not held out).
 With a staging model (the registry locked down, mlflow/README.md), pass the candidate as a URI:
 --candidate models:/NAME-staging@challenger; a winner is copied into NAME before @champion moves.
+--shadow PREFIX also tags a seeded random sample of --shadow-sample unlabelled images under PREFIX
+(or a manifest) with both versions through the bulk tagging pipeline of jobs/tag.py and reports,
+per label, both positive rates, the relative change, Cohen's kappa and Jaccard, and a contact sheet
+of the most-disagreeing images; with --max-rate-change R a label whose rate changes by more than R
+(relative, on labels either model lists >= --shadow-min-count times) holds the promotion (exit 3,
+champion unchanged) unless --force. The figures join the report and the versions' audit tags.
 --history NAME prints every decision about @champion (when, who, from -> to, decision, evidence).
 Exit codes: 0 promoted (or rolled back, or already champion), 3 the gate refused, 4 an artifact
 does not match its sha256 tag, 2 a user error (unknown model/alias, bad manifest), 1 a bug.
@@ -58,6 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate even if --eval-data contains the candidate's training images (reported)",
     )
+    shadow = parser.add_argument_group("shadow comparison on unlabelled images (mlc_ray/shadow.py)")
+    shadow.add_argument(
+        "--shadow", metavar="URI", help="prefix (s3:// or local) or manifest of unlabelled images"
+    )
+    shadow.add_argument(
+        "--shadow-sample", type=int, default=500, metavar="N", help="images to tag (default 500)"
+    )
+    shadow.add_argument(
+        "--shadow-seed", type=int, default=0, metavar="S", help="the sample's seed (default 0)"
+    )
+    shadow.add_argument(
+        "--max-rate-change",
+        type=float,
+        metavar="R",
+        help="hold when a label's rate changes by more than R, relative (0.5 = by half); default: report only",
+    )
+    shadow.add_argument(
+        "--shadow-min-count",
+        type=int,
+        default=10,
+        metavar="C",
+        help="judge a label only when either model lists it >= C times in the sample (default 10)",
+    )
+    shadow.add_argument("--shadow-output", metavar="DIR", help="keep the sample's tag table and report here")
+    shadow.add_argument(
+        "--force", action="store_true", help="promote even when the shadow comparison holds it"
+    )
     parser.add_argument("--dry-run", action="store_true", help="evaluate and report; change nothing")
     parser.add_argument("--rollback", action="store_true", help="make previous-champion the champion again")
     parser.add_argument(
@@ -94,7 +129,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.history:
             print(format_history(args.history, alias_history(args.history)))
             return 0
+        from mlc_ray.config import ConfigError
+
         check_gate_args(args)
+        gate = None
+        if args.shadow:
+            from mlc_ray.shadow import ShadowConfig, shadow_gate
+
+            if args.rollback:
+                raise ConfigError("--shadow: a rollback restores a version that was champion; no shadow run")
+            gate = shadow_gate(
+                ShadowConfig(
+                    input=args.shadow,
+                    sample=args.shadow_sample,
+                    seed=args.shadow_seed,
+                    max_rate_change=args.max_rate_change,
+                    min_count=args.shadow_min_count,
+                    force=args.force,
+                    output=args.shadow_output,
+                ),
+                cache_dir=args.cache_dir,
+            )
+        elif args.max_rate_change is not None or args.force or args.shadow_output:
+            raise ConfigError("--max-rate-change / --force / --shadow-output need --shadow URI")
         if args.rollback:
             decision = rollback(args.name, dry_run=args.dry_run, cache_dir=args.cache_dir)
         else:
@@ -109,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 dry_run=args.dry_run,
                 cache_dir=args.cache_dir,
                 allow_train_overlap=args.allow_train_overlap,
+                gate=gate,
             )
         print(decision.report())
         return decision.exit_code

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from mlc_ray.errors import UserError
 from mlc_ray.registry.resolve import resolve_model
@@ -71,6 +72,10 @@ class PromotionDecision:
     train_overlap: str = ""  # how many eval images the candidate was trained on, and how that was checked
     dry_run: bool = False
     candidate_source: str | None = None  # models:/STAGING/VERSION when the candidate is another model's
+    # further evidence a promote() gate attached (the shadow comparison, mlc_ray/shadow.py): objects
+    # with report_lines() -> list[str], audit_tags() -> dict (latest tags) and history() -> dict
+    # (short entries for the promotion.log record)
+    evidence: list[Any] = field(default_factory=list)
     at: str = field(default_factory=now_utc)
     by: str = field(default_factory=acting_user)
     _event_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6], repr=False)
@@ -113,6 +118,8 @@ class PromotionDecision:
                 worst = sorted(self.label_drops.items(), key=lambda kv: -kv[1])[:8]
                 drops = ", ".join(f"{label} -{d:.3f}" for label, d in worst)
                 lines.append(f"F1 drops   (limit {self.max_label_drop:.3f}): {drops}")
+        for item in self.evidence:
+            lines.extend(item.report_lines())
         verdict = "PROMOTED" if self.promoted else "REFUSED"
         if self.action == "rollback":
             verdict = "ROLLED BACK" if self.promoted else "NOT ROLLED BACK"
@@ -149,6 +156,9 @@ class PromotionDecision:
         history_key = f"promotion.log.{self.at.replace(':', '').replace('-', '')}.{self._event_id}"
         record = {k: tags[k] for k in tags if k not in ("promotion.at",)}
         record["promotion.seq"] = str(self._seq)
+        for item in self.evidence:
+            tags.update(item.audit_tags())
+            record.update(item.history())
         tags[history_key] = json.dumps(record, sort_keys=True, separators=(",", ":"))
         return tags
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,7 @@ def promote(
     cache_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     allow_train_overlap: bool = False,
+    gate: Callable[[PromotionDecision], None] | None = None,
 ) -> PromotionDecision:
     """Evaluate ``candidate`` (a version number or an alias) and the champion on the same data.
 
@@ -126,7 +127,10 @@ def promote(
     to the val rows of its training manifest (tag ``manifest_uri``), which must then have a split
     column. Evaluation data holding any of the candidate's training images (same URI or same
     bytes, tag ``train_images_uri``) is a ``UserError`` naming the count, unless
-    ``allow_train_overlap``; the decision's report and audit tags then say so.
+    ``allow_train_overlap``; the decision's report and audit tags then say so. ``gate`` (the
+    shadow comparison, ``mlc_ray.shadow.shadow_gate``) runs after the labelled evaluation, before
+    any alias moves: it may turn the decision into a refusal and attaches its figures
+    (``decision.evidence``) to the report and the audit tags.
     """
     from mlc_ray.evaluation import evaluate_bundle, read_images
 
@@ -241,6 +245,8 @@ def promote(
             decision.label_drops.update(verdict.label_drops)
             decision.promoted, decision.reason = verdict.promoted, verdict.reason
 
+    if gate is not None:
+        gate(decision)
     if dry_run:
         return decision
     client = mlflow_client()

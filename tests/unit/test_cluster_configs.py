@@ -153,3 +153,11 @@ def test_cron_schedules_call_incremental_tagging_with_champion() -> None:
     for name in ("raycronjob-tag.yaml", "cronjob-tag.yaml"):
         text = (ROOT / "cluster" / "kuberay" / name).read_text()
         assert "jobs/tag.py" in text and "--incremental" in text and "@champion" in text, name
+
+
+def test_scheduled_select_reads_the_table_the_scheduled_tagging_writes() -> None:
+    tag = " ".join((ROOT / "cluster" / "kuberay" / "raycronjob-tag.yaml").read_text().split())
+    select = " ".join((ROOT / "cluster" / "kuberay" / "cronjob-select.yaml").read_text().split())
+    table = re.search(r"jobs/tag\.py .*?--output (\S+)", tag).group(1)
+    assert f"python jobs/select_queue.py --table {table}" in select
+    assert "schedule: 0 2 * * *" in tag and "schedule: 0 6 * * 1" in select  # after that night's tagging

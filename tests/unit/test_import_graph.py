@@ -32,9 +32,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("bundle users", ["evaluation", "pyfunc_model", "export"]),
     # MLflow: register, resolve, promote, audit, access control
     ("registry", ["registry", "alias_history", "registry_auth"]),
-    # the pipelines: training, tagging, scanning (same layer: training writes the label rates
+    # the pipelines: training, tagging, scanning, shadow promotion, the labelling queue (same layer: training writes the label rates
     # tagging's report reads, and the report logs through training's MLflow helpers)
-    ("pipelines", ["train", "tagging", "scan"]),
+    ("pipelines", ["train", "tagging", "scan", "shadow", "select"]),
     # end-to-end demo that drives the jobs
     ("orchestration", ["demo_pipeline"]),
 ]
