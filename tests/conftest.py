@@ -1,4 +1,4 @@
-"""Shared test fixtures: a real S3 server (moto, own process), local Ray, real MLflow (sqlite or a server).
+"""Shared test fixtures: a real S3 server (moto, own process), one local Ray per session, real MLflow.
 
 Plain helpers (functions, constants, server classes) are in tests/helpers.py.
 
@@ -129,22 +129,42 @@ def s3_bucket(s3_server: S3Server) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server: S3Server) -> Iterator[None]:
-    """One local Ray per test module (2 CPUs), started after the S3 env is set so workers inherit it."""
+def start_local_ray() -> None:
+    """A new local Ray (2 CPUs, no dashboard), never a cluster found on the machine."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
     ray.init(
-        address="local",  # a new local Ray, never a cluster found on the machine
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
     )
+
+
+@pytest.fixture(scope="session")
+def _ray_session(s3_server: S3Server) -> Iterator[None]:
+    """Shuts down, at the end of the session, the local Ray that ``ray_local`` started."""
     yield
-    ray.shutdown()
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session: None) -> Iterator[None]:
+    """A local Ray (2 CPUs) for the module, started after the S3 env is set so workers inherit it.
+
+    One Ray serves every module of the session (each start costs seconds on 2 CPUs); isolation is
+    not what these modules test. A module that finds it gone (a test or the chaos tier shut it
+    down to start a Ray of its own) starts a new one.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
+    yield
 
 
 @pytest.fixture

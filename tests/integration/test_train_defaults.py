@@ -39,19 +39,42 @@ def _bundle(runs: str, run_name: str) -> tuple[dict, dict]:
     return model, pre
 
 
+class DefaultRuns:
+    """``--data M --model NAME`` trained once per name (run ``defaults-NAME``), its exit code and stderr
+    kept: the per-model test reads it, and the resume test starts from the mobilenet_v1 one instead
+    of training a run of its own (a Ray Train run costs ~30 s on 2 CPUs)."""
+
+    def __init__(self, tiny: dict[str, str]) -> None:
+        self.tiny = tiny
+        self.done: dict[str, tuple[int, str]] = {}
+
+    def argv(self, name: str) -> list[str]:
+        return ["--data", self.tiny["data"], "--model", name, "--epochs", "1", "--image-size", "32",
+                "--storage-path", self.tiny["runs"], "--run-name", f"defaults-{name}"]  # fmt: skip
+
+    def train(self, name: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+        if name not in self.done:
+            capsys.readouterr()
+            code = _train_main()(self.argv(name))
+            self.done[name] = (code, capsys.readouterr().err)
+        return self.done[name]
+
+
+@pytest.fixture(scope="module")
+def default_runs(tiny: dict[str, str]) -> DefaultRuns:
+    return DefaultRuns(tiny)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_trains_with_only_data_and_model(
-    name: str, tiny: dict, ray_local: None, monkeypatch: pytest.MonkeyPatch, capsys
+    name: str, tiny: dict, default_runs: DefaultRuns, ray_local: None, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """--data M --model NAME and nothing about the arch: width, normalisation and the rest come from
     the registry entry (--image-size 32 and --epochs 1 only keep the test cheap)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny["db"])
-    argv = ["--data", tiny["data"], "--model", name, "--epochs", "1", "--image-size", "32",
-            "--storage-path", tiny["runs"], "--run-name", f"defaults-{name}"]  # fmt: skip
-    code = _train_main()(argv)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
-    assert "Traceback" not in captured.err
+    code, err = default_runs.train(name, capsys)
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err
     model, pre = _bundle(tiny["runs"], f"defaults-{name}")
     arch = arch_defaults(name)
     assert model["arch"] == name and model["width"] == arch.width and model["dropout"] == arch.dropout
@@ -60,25 +83,26 @@ def test_every_registered_model_trains_with_only_data_and_model(
 
 
 def test_resume_with_changed_settings_is_refused_unless_asked(
-    tiny: dict, ray_local: None, monkeypatch: pytest.MonkeyPatch, capsys
+    tiny: dict, default_runs: DefaultRuns, ray_local: None, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny["db"])
     main = _train_main()
-    base = ["--data", tiny["data"], "--model", "mobilenet_v1", "--width", "0.25", "--epochs", "1",
-            "--storage-path", tiny["runs"], "--run-name", "fp"]  # fmt: skip
-    assert main([*base, "--image-size", "32"]) == 0, capsys.readouterr().err[-3000:]
-    first = Path(tiny["runs"], "fp", "model", "model.pt").stat().st_mtime_ns
+    code, err = default_runs.train("mobilenet_v1", capsys)  # the first run: 1 epoch at 32 px
+    assert code == 0, err[-3000:]
+    run = Path(tiny["runs"], "defaults-mobilenet_v1")
+    first = Path(run, "model", "model.pt").stat().st_mtime_ns
+    base = [a for a in default_runs.argv("mobilenet_v1") if a not in ("--epochs", "1", "--image-size", "32")]
     capsys.readouterr()
 
     # another image size and loss under the same --run-name: one error line naming both, exit 2
-    code = main([*base, "--image-size", "48", "--loss", "asl"])
+    code = main([*base, "--epochs", "1", "--image-size", "48", "--loss", "asl"])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, err[-3000:]
     assert "image_size 32 -> 48" in errors[0] and "loss bce -> asl" in errors[0]
     assert "--run-name" in errors[0] and "--resume-changed" in errors[0]
     assert "Traceback" not in err
-    assert Path(tiny["runs"], "fp", "model", "model.pt").stat().st_mtime_ns == first  # nothing rewritten
+    assert Path(run, "model", "model.pt").stat().st_mtime_ns == first  # nothing rewritten
 
     # resuming a finished run for more epochs is not a change of the run
     assert main([*base, "--image-size", "32", "--epochs", "2"]) == 0, capsys.readouterr().err[-3000:]
@@ -86,5 +110,5 @@ def test_resume_with_changed_settings_is_refused_unless_asked(
 
     # --resume-changed resumes it anyway and records the new settings
     assert main([*base, "--image-size", "32", "--epochs", "2", "--loss", "asl", "--resume-changed"]) == 0
-    saved = json.loads(Path(tiny["runs"], "fp", "mlc_ray_fingerprint.json").read_text())
+    saved = json.loads(Path(run, "mlc_ray_fingerprint.json").read_text())
     assert saved["loss"] == "asl" and saved["image_size"] == 32
