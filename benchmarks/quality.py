@@ -1,7 +1,8 @@
 """Held-out quality of the training recipe: ``jobs/train.py`` against a plain PyTorch loop.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--epochs 24] [--train-images 1000]
-        [--arms project plain] [--set augment.hflip=0.5 ...] [--out quality.json]
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--epochs 20] [--train-images 3000]
+        [--arms project plain] [--set augment.hflip=0.5 ...] [--out quality.json] [--append runs.jsonl]
+        [--quick] [--plain-swap augment|cosine|wd|best|ema ...] [--plain-augment KEY=JSON ...]
 
 Data: multi-digit images composed from scikit-learn's bundled handwritten digits
 (``sklearn.datasets.load_digits``: 1,797 real 8x8 scans, shipped with the package, no download).
@@ -20,7 +21,13 @@ BCE, the same epochs, for each seed:
 * ``plain``: the loop below (random +-2 px shifts, constant lr, the last epoch's weights), scored
   on the test images at 0.5 (``micro_f1``/``macro_f1``) and at per-label thresholds fitted on the
   val split like the project's (``*_val_thresholds``); the project arm also reports test F1 at 0.5.
-Prints one JSON object (per-run figures and mean +- sd per arm); ``--out`` also writes it.
+Prints one JSON object (per-run figures and mean +- sd per arm); ``--out`` also writes it;
+``--append`` adds one JSON line per (arm, seed) run to a file, so seeds can run as separate calls.
+
+Budget: the defaults (3,000 train images, 20 epochs = 940 steps) are where the plain loop converges
+(test micro-F1 0.96 on seed 0); at 2,000 images it reached 0.64 and at 1,000 x 24 epochs 0.65 +- 0.10,
+so smaller budgets compare two unconverged models, whose spread hides any recipe difference.
+``--quick`` (seed 0, 12 epochs) only checks that both arms run.
 """
 
 from __future__ import annotations
@@ -308,8 +315,8 @@ def _summary(runs: list[dict[str, float]]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=24)
-    parser.add_argument("--train-images", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--arms", nargs="+", default=["project", "plain"], choices=["project", "plain"])
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], help="jobs/train.py --set KEY=VALUE"
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         help="AugmentConfig KEY=JSON for --plain-swap augment (default: the project's defaults)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="locate a gap fast: seed 0 only, 12 epochs, plain arm first"
+        "--quick", action="store_true", help="seed 0 only, 12 epochs: a smoke run, not a figure"
     )
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--append", help="append one JSON line per run to this file (per-seed runs)")
