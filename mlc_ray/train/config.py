@@ -1,7 +1,8 @@
 """The training job's configuration: one validated dataclass, filled from YAML + CLI flags.
 
 The defaults are for a real photo set: MobileNet V3-Large at the 224 px its architecture was designed
-for, seed 002's augmentation, 30 epochs of AdamW. The model fields a user leaves unset (``None``:
+for, seed 002's augmentation, 30 epochs of AdamW. Inputs of ``SMALL_IMAGE_MAX`` (64) px or less get
+``small_image_augment()`` instead (+-2 px shifts: measured, see its docstring). The model fields a user leaves unset (``None``:
 ``width``, ``image_size``, ``normalization``, ``dropout``) come from the architecture's registry entry
 (``mlc_ray.models.arch_defaults``), so ``--model resnext50_32x4d`` alone is a valid config.
 
