@@ -317,7 +317,17 @@ class AugmentConfig:
 @dataclass
 class TrainAugment:
     """uint8 HWC -> (S, S, 3) uint8: random resized crop, horizontal flip, colour jitter (brightness,
-    contrast, saturation), small affine. Deterministic for a given seed (or pass ``rng`` per call)."""
+    contrast, saturation), small affine. Deterministic for a given seed (or pass ``rng`` per call).
+
+    Not (yet) ``torchvision.transforms.v2``: measured per image on one thread (``benchmarks/augment.py``,
+    BENCHMARKS.md "Augmentation: PIL vs torchvision.transforms.v2"), the same Compose on a PIL image
+    costs what this does (0.46 vs 0.46 ms at 64 px, 4.5 vs 4.7 ms for 640x480 -> 224, 13.7 vs 14.5 ms
+    for 1920x1080 -> 224) and on a uint8 tensor it is slower at 64 px (0.75 ms) though 2x faster for
+    1920x1080. So v2 meets the "no slower" bar on PIL images; it is not switched in yet because v2
+    samples differently (whole-pixel affine shifts, its own crop draw, torch's global generator, which
+    needs ``fork_rng`` per image to stay seedable), and the recipe's measured figures
+    (``benchmarks/quality.py``, the README's demo numbers) describe this implementation: the switch
+    belongs with a re-measurement of both."""
 
     cfg: PreprocessConfig
     seed: int | None = None

@@ -1,7 +1,8 @@
 """The training job's configuration: one validated dataclass, filled from YAML + CLI flags.
 
 The defaults are for a real photo set: MobileNet V3-Large at the 224 px its architecture was designed
-for, seed 002's augmentation, 30 epochs of AdamW. The model fields a user leaves unset (``None``:
+for, seed 002's augmentation, 30 epochs of AdamW. Inputs of ``SMALL_IMAGE_MAX`` (64) px or less get
+``small_image_augment()`` instead (+-2 px shifts: measured, see its docstring). The model fields a user leaves unset (``None``:
 ``width``, ``image_size``, ``normalization``, ``dropout``) come from the architecture's registry entry
 (``mlc_ray.models.arch_defaults``), so ``--model resnext50_32x4d`` alone is a valid config.
 
@@ -31,6 +32,8 @@ __all__ = [
     "MiningConfig",
     "AugmentConfig",
     "light_augment",
+    "small_image_augment",
+    "SMALL_IMAGE_MAX",
     "OPTIMIZERS",
     "SCHEDULES",
     "LOSSES",
@@ -50,6 +53,38 @@ def light_augment() -> AugmentConfig:
     rotation that cuts a small shape out turns its label into noise (measured: macro-F1 0.83 -> 0.87
     after 14 epochs at 96 px)."""
     return AugmentConfig(crop_scale=(0.85, 1.0), degrees=0.0, translate=0.03, scale=(1.0, 1.0))
+
+
+# Inputs up to this side (px) train with ``small_image_augment()`` unless the config says otherwise.
+SMALL_IMAGE_MAX = 64
+
+
+def small_image_augment() -> AugmentConfig:
+    """The augmentation default for inputs of ``SMALL_IMAGE_MAX`` px or less: shifts of about +-2 px
+    (``translate`` 0.03 of the side), no resized crop, no rotation or zoom, no colour jitter; the flip
+    stays as configured (``augment.hflip=0`` for text, digits or left/right labels).
+
+    Why (``benchmarks/quality.py``, BENCHMARKS.md "Training recipe vs a plain loop"): at 64 px the
+    photo recipe (``AugmentConfig()``: crop of 70-100 % of the area at 3/4-4/3 aspect, +-10 degrees,
+    zoom 0.9-1.1, jitter 0.2) resamples every image into a blurred, stretched copy and can cut a
+    small object out of the frame while its label stays; the test images are sharp and whole. On
+    the multi-digit set it was the largest part of the project's gap to a plain loop that shifts by
+    +-2 px (see the benchmark's ablation table for the figures)."""
+    return AugmentConfig(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        degrees=0.0,
+        translate=0.03,
+        scale=(1.0, 1.0),
+    )
+
+
+def default_augment(image_size: int) -> AugmentConfig:
+    """The augmentation a config without an ``augment`` section gets at ``image_size``."""
+    return small_image_augment() if image_size <= SMALL_IMAGE_MAX else AugmentConfig()
 
 
 # The demo's recipe (configs/demo.yaml holds the same keys, written out; a unit test keeps them equal).
@@ -167,9 +202,11 @@ class TrainConfig:
     asl_clip: float = 0.05  # ASL probability shift for negatives, in [0, 1) (loss=asl only)
     pos_weight: bool = False  # up-weight rare labels' positives by negatives/positives (clipped at 10)
     seed: int = 0  # model init, data split, augmentation
-    # training augmentation (seed 002's, incl. hflip 0.5: set augment.hflip=0 for text, digits or
-    # left/right labels); a partial `augment:` section starts from AugmentConfig defaults
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # training augmentation; None = by input size (``default_augment``): seed 002's (AugmentConfig())
+    # above SMALL_IMAGE_MAX px, small_image_augment() at or below it; both flip with p 0.5 (set
+    # augment.hflip=0 for text, digits or left/right labels). A partial `augment:` section (YAML,
+    # --set augment.KEY=...) starts from that size's default (load_train_config)
+    augment: AugmentConfig | None = None
     # -- hardware
     num_workers: int = 1  # Ray Train workers (one process each, DDP)
     use_gpu: bool = False  # one GPU per worker; AMP (bf16, else fp16 + scaler) and channels-last
@@ -207,6 +244,9 @@ class TrainConfig:
         ):
             if getattr(self, name) is None:
                 setattr(self, name, value)
+
+        if self.augment is None:
+            self.augment = default_augment(int(self.image_size))
 
         def positive(name: str) -> None:
             if not getattr(self, name) > 0:
@@ -327,4 +367,24 @@ def load_train_config(path: str | None = None, overrides: dict | None = None) ->
     data = merged_config_data(path, overrides)
     if data.get("data") is None:
         data = merged_config_data(path, overrides, base=DEMO_PRESET)
+    section = data.get("augment")
+    if isinstance(section, dict):  # a partial section starts from the size's default, not the photo one
+        data["augment"] = {**_augment_base(data), **section}
     return config_from_dict(TrainConfig, data)
+
+
+def _augment_base(data: dict) -> dict:
+    """``default_augment`` of the image size ``data`` resolves to (the arch's when unset), as a dict."""
+    from mlc_ray.models import arch_defaults
+
+    size = data.get("image_size")
+    if size is None:
+        try:
+            size = arch_defaults(str(data.get("model") or TrainConfig.model)).input_size
+        except ValueError:
+            return {}  # an unknown model: TrainConfig names it
+    try:
+        size = int(size)
+    except (TypeError, ValueError):
+        return {}  # a bad size: TrainConfig names it
+    return dataclasses.asdict(default_augment(size))

@@ -43,7 +43,9 @@ Selection rules (``MiningConfig``; each picked sample records every rule that pi
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -216,16 +218,17 @@ def _manifest_table(images: list[str], labels: list[list[str]], splits: list[str
 
 
 def _write_table(table: Any, uri: str) -> None:
+    """``table`` (image, labels list, split[, reason]) as Parquet, JSONL or CSV (``csv`` module; labels
+    joined by ``|``, like every manifest CSV), by the suffix of ``uri``."""
     import io
     import json
-
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     from mlc_ray import storage
 
     lower = uri.lower()
     if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes(uri, buf.getvalue())
@@ -233,14 +236,12 @@ def _write_table(table: Any, uri: str) -> None:
         lines = [json.dumps(row, ensure_ascii=False) for row in table.to_pylist()]
         storage.write_text(uri, "\n".join(lines) + ("\n" if lines else ""))
     else:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        joined = pc.binary_join(table.column("labels"), "|")
-        flat = table.set_column(table.schema.get_field_index("labels"), "labels", joined.cast(pa.string()))
-        buf = io.BytesIO()
-        pacsv.write_csv(flat, buf)
-        storage.write_bytes(uri, buf.getvalue())
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for row in table.to_pylist():
+            writer.writerow(["|".join(v) if isinstance(v, list) else v for v in row.values()])
+        storage.write_text(uri, text.getvalue())
 
 
 # ---- before/after report -------------------------------------------------------------------------
@@ -348,41 +349,49 @@ class MiningReport:
         return "\n".join(out) + "\n"
 
     def to_csv(self) -> str:
+        """One row per label, rare combination and rare pair (``csv`` module quoting)."""
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
         if self.has_control:
-            lines = [
-                "kind,name,count,base_f1_or_acc,mined_f1_or_acc,random_f1_or_acc,base_ap,mined_ap,random_ap"
-            ]
+            writer.writerow(
+                ["kind", "name", "count", "base_f1_or_acc", "mined_f1_or_acc", "random_f1_or_acc"]
+                + ["base_ap", "mined_ap", "random_ap"]
+            )
             for r in self.label_rows:
-                lines.append(
-                    f"label,{_csv_cell(r['label'])},{r['support']},{r['f1_base']:.6f},{r['f1_fine_tuned']:.6f},"
-                    f"{r['f1_control']:.6f},{r['ap_base']:.6f},{r['ap_fine_tuned']:.6f},{r['ap_control']:.6f}"
+                writer.writerow(
+                    ["label", r["label"], r["support"]]
+                    + _floats(
+                        r, "f1_base", "f1_fine_tuned", "f1_control", "ap_base", "ap_fine_tuned", "ap_control"
+                    )
                 )
             for kind, rows, key in (
                 ("combination", self.combination_rows, "combination"),
                 ("pair", self.pair_rows, "pair"),
             ):
                 for r in rows:
-                    lines.append(
-                        f"{kind},{_csv_cell(r[key])},{r['count']},{r['acc_base']:.6f},{r['acc_fine_tuned']:.6f},"
-                        f"{r['acc_control']:.6f},,,"
+                    writer.writerow(
+                        [kind, r[key], r["count"]]
+                        + _floats(r, "acc_base", "acc_fine_tuned", "acc_control")
+                        + ["", "", ""]
                     )
-            return "\n".join(lines) + "\n"
-        lines = ["kind,name,count,base_f1_or_acc,fine_tuned_f1_or_acc,base_ap,fine_tuned_ap"]
+            return text.getvalue()
+        writer.writerow(
+            ["kind", "name", "count", "base_f1_or_acc", "fine_tuned_f1_or_acc", "base_ap", "fine_tuned_ap"]
+        )
         for r in self.label_rows:
-            lines.append(
-                f"label,{_csv_cell(r['label'])},{r['support']},{r['f1_base']:.6f},{r['f1_fine_tuned']:.6f},"
-                f"{r['ap_base']:.6f},{r['ap_fine_tuned']:.6f}"
+            writer.writerow(
+                ["label", r["label"], r["support"]]
+                + _floats(r, "f1_base", "f1_fine_tuned", "ap_base", "ap_fine_tuned")
             )
-        for r in self.combination_rows:
-            lines.append(
-                f"combination,{_csv_cell(r['combination'])},{r['count']},{r['acc_base']:.6f},"
-                f"{r['acc_fine_tuned']:.6f},,"
-            )
-        for r in self.pair_rows:
-            lines.append(
-                f"pair,{_csv_cell(r['pair'])},{r['count']},{r['acc_base']:.6f},{r['acc_fine_tuned']:.6f},,"
-            )
-        return "\n".join(lines) + "\n"
+        for kind, rows, key in (
+            ("combination", self.combination_rows, "combination"),
+            ("pair", self.pair_rows, "pair"),
+        ):
+            for r in rows:
+                writer.writerow(
+                    [kind, r[key], r["count"]] + _floats(r, "acc_base", "acc_fine_tuned") + ["", ""]
+                )
+        return text.getvalue()
 
     def max_label_f1_drop(self, exclude: Sequence[str] = ()) -> float:
         """The largest F1 drop (base - fine-tuned) over the labels not in ``exclude``; 0 if none dropped."""
@@ -397,8 +406,8 @@ class MiningReport:
         return next((r for r in self.combination_rows if r["combination"] == key), None)
 
 
-def _csv_cell(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+def _floats(row: dict[str, Any], *keys: str) -> list[str]:
+    return [f"{row[k]:.6f}" for k in keys]
 
 
 def _exact_match_by_combination(pred: np.ndarray, targets: np.ndarray, keys: list[str]) -> dict[str, float]:
@@ -521,12 +530,6 @@ def mining_report(
 
 
 # ---- the three-stage pipeline ----------------------------------------------------------------------
-
-
-def _log_text_artifact(text: str, name: str, artifact_path: str | None = None) -> None:
-    import mlflow
-
-    mlflow.log_text(text, f"{artifact_path}/{name}" if artifact_path else name)
 
 
 def _train_in_nested_run(cfg: Any, stage: str, parent_run_id: str) -> Any:
@@ -704,15 +707,13 @@ def run_mining_pipeline(cfg: Any) -> Any:
 
 
 def _write_split_manifest(train: Any, val: Any, uri: str, *, vocabulary: list[str]) -> None:
-    """A manifest with an explicit ``split`` column (train rows, then val rows) and labels.txt beside it."""
-    from mlc_ray import storage
+    """A manifest with an explicit ``split`` column (train rows, then val rows) and labels.txt beside it
+    (``Manifest.write``, the manifest module's one writer)."""
+    from mlc_ray.data.manifest import Manifest
 
-    table = _manifest_table(
-        [*train.images, *val.images],
-        [list(x) for x in [*train.labels, *val.labels]],
-        ["train"] * len(train) + ["val"] * len(val),
-        [""] * (len(train) + len(val)),
-    )
-    _write_table(table.drop(["reason"]), uri)
-    parent = uri.rsplit("/", 1)[0]
-    storage.write_text(storage.join(parent, "labels.txt"), "\n".join(vocabulary) + "\n")
+    Manifest(
+        images=[*train.images, *val.images],
+        labels=[list(x) for x in [*train.labels, *val.labels]],
+        splits=["train"] * len(train) + ["val"] * len(val),
+        vocabulary=list(vocabulary),
+    ).write(uri)

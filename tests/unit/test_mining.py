@@ -217,3 +217,48 @@ def test_mining_report_with_the_random_subset_control() -> None:
     assert md.startswith("Held out. ") and "F1 random" in md and "mined − random" in md
     assert "| cat+dog | 2 | 0.0000 | 1.0000 | 0.5000 | +0.5000 |" in md
     assert report.to_csv().splitlines()[0].endswith("random_f1_or_acc,base_ap,mined_ap,random_ap")
+
+
+def test_report_csv_quotes_names_with_commas_and_quotes() -> None:
+    import csv
+    import io
+
+    from mlc_ray.train.mining import mining_report
+
+    labels = ['cat, "big"', "dog"]
+    targets = np.array([[1, 0], [0, 1], [1, 1], [1, 1], [0, 0], [1, 0]])
+    base = np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.3], [0.4, 0.9], [0.1, 0.1], [0.7, 0.2]])
+    fine = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.7], [0.6, 0.9], [0.1, 0.6], [0.7, 0.2]])
+    for control in (None, fine):
+        report = mining_report(labels, targets, base, fine, control_scores=control, n_combinations=10)
+        rows = list(csv.reader(io.StringIO(report.to_csv())))
+        assert {len(r) for r in rows} == {len(rows[0])}  # every row as wide as the header
+        names = {(r[0], r[1]) for r in rows[1:]}
+        assert ("label", 'cat, "big"') in names and ("combination", 'cat, "big"+dog') in names
+        label_row = next(r for r in rows if r[:2] == ["label", "dog"])
+        assert float(label_row[4]) == pytest.approx(2 * 3 / (2 * 3 + 1 + 0))  # fine-tuned dog F1
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_mined_manifest_loads_back_with_its_reasons(tmp_path, suffix: str) -> None:
+    import pyarrow.csv as pacsv
+
+    from mlc_ray.data.manifest import Manifest, load_manifest
+    from mlc_ray.train.mining import MinedSet, write_mined_manifest
+
+    vocabulary = ['a,"b"', "c"]
+    manifest = Manifest(
+        images=[str(tmp_path / f"im,{i}.png") for i in range(4)],
+        labels=[['a,"b"'], ["c"], ['a,"b"', "c"], []],
+        splits=[None] * 4,
+        vocabulary=vocabulary,
+    )
+    mined = MinedSet(indices=np.array([1, 2]), reasons=[["hard_positive:c"], ["misclassified", "replay"]])
+    uri = write_mined_manifest(manifest, mined, str(tmp_path / f"mined{suffix}"))
+    back = load_manifest(uri)
+    assert back.images == manifest.images[1:3]
+    assert back.labels == [["c"], ['a,"b"', "c"]]
+    assert back.vocabulary == vocabulary
+    if suffix == ".csv":
+        table = pacsv.read_csv(uri)
+        assert table.column("reason").to_pylist() == ["hard_positive:c", "misclassified;replay"]

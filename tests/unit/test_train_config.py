@@ -51,6 +51,28 @@ def test_defaults_are_for_photos_and_come_from_the_arch() -> None:
     assert TrainConfig(data="m.csv", model="mobilenet_v2", width=0.75, image_size=160).width == 0.75
 
 
+def test_small_inputs_default_to_shift_only_augmentation(tmp_path) -> None:
+    from mlc_ray.train.config import SMALL_IMAGE_MAX, small_image_augment
+
+    small = small_image_augment()
+    assert small.crop_scale == (1.0, 1.0) and small.degrees == 0 and small.brightness == 0
+    assert small.translate > 0 and small.hflip == AugmentConfig().hflip
+    assert TrainConfig(data="m.csv", image_size=SMALL_IMAGE_MAX).augment == small
+    assert TrainConfig(data="m.csv", image_size=SMALL_IMAGE_MAX + 1).augment == AugmentConfig()
+    explicit = AugmentConfig(degrees=5.0)
+    assert TrainConfig(data="m.csv", image_size=32, augment=explicit).augment == explicit
+    # a partial section (flag or YAML) starts from the size's default, not from the photo recipe
+    cfg = _resolve(["--data", "m.csv", "--image-size", "64", "--set", "augment.hflip=0"])
+    assert cfg.augment == AugmentConfig(**{**small.__dict__, "hflip": 0.0})
+    cfg = _resolve(["--data", "m.csv", "--set", "augment.hflip=0"])  # 224 px: the photo recipe
+    assert cfg.augment == AugmentConfig(hflip=0.0)
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text("data: m.csv\nimage_size: 48\naugment:\n  degrees: 3\n")
+    assert _resolve(["--config", str(yaml_file)]).augment == AugmentConfig(
+        **{**small.__dict__, "degrees": 3.0}
+    )
+
+
 def test_no_data_anywhere_is_the_demo_preset_which_configs_demo_yaml_writes_out() -> None:
     from mlc_ray.config import config_to_dict
 
