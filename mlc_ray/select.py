@@ -641,7 +641,7 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
         if not uncertain:
             thresholds = _thresholds_by_sha(cfg, source, provenance, labels)
             quota = quota or max(1, math.ceil(2 * cfg.budget / n_labels))
-            uncertain = [_Pool(min(cfg.budget, quota)) for _ in labels]
+            uncertain = [_Pool(cfg.budget) for _ in labels]  # not the quota: labels share images
             if cfg.has_compare:
                 other = _Source(cfg.compare or cfg.table, cfg.compare_run, cfg.compare_version)
                 compare = _compare_index(other, labels, cfg.batch_size)

@@ -378,3 +378,11 @@ def test_image_keys_hash_equal_strings_equally_and_distinct_ones_apart() -> None
     assert np.array_equal(key_hash(etags.slice(17), uris.slice(17)), keys[17:])  # Arrow offsets
     again = key_hash(pa.array(["", None, "e", "e"]), pa.array(["a", "b", "c", "d"]))
     assert again[2] == again[3] and again[0] != again[1]  # no ETag: the URI decides
+
+
+def test_the_budget_fills_when_every_label_ranks_the_same_images_first(tmp_path: Path) -> None:
+    # an untrained model: near-identical scores, so every label's nearest images are the same ones
+    scores = np.full((41, 3), 0.45) + np.linspace(0, 0.01, 41)[:, None]
+    write_run(tmp_path / "t", "r1", scores)
+    res = select_queue(SelectConfig(table=str(tmp_path / "t"), budget=10, out=str(tmp_path / "q.csv")))
+    assert len(res.rows) == 10 == len({r.image for r in res.rows})
