@@ -15,11 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.integration import test_registry as _registry
-from tests.integration.test_registry import GOOD, LABELS, MlflowServer, build_color_bundle, make_color_data
-
-mlflow_server = _registry.mlflow_server
-color_data = _registry.color_data
+from tests.helpers import COLOR_LABELS as LABELS
+from tests.helpers import GOOD, MlflowServer, build_color_bundle, make_color_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
