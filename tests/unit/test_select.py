@@ -381,8 +381,10 @@ def test_image_keys_hash_equal_strings_equally_and_distinct_ones_apart() -> None
 
 
 def test_the_budget_fills_when_every_label_ranks_the_same_images_first(tmp_path: Path) -> None:
-    # an untrained model: near-identical scores, so every label's nearest images are the same ones
+    # an untrained model: near-identical scores and one threshold, so every label's nearest images
+    # are the same ones (a pool per label capped at the quota, 7 here, leaves the queue at 7)
     scores = np.full((41, 3), 0.45) + np.linspace(0, 0.01, 41)[:, None]
-    write_run(tmp_path / "t", "r1", scores)
+    same = Thresholds(labels=LABELS, values=[0.5, 0.5, 0.5], method="fixed")
+    write_run(tmp_path / "t", "r1", scores, thresholds=same)
     res = select_queue(SelectConfig(table=str(tmp_path / "t"), budget=10, out=str(tmp_path / "q.csv")))
     assert len(res.rows) == 10 == len({r.image for r in res.rows})
