@@ -3,11 +3,13 @@
     python jobs/select_queue.py --table s3://bucket/tags/photos/ --budget 500 --out queue.csv
         [--run RUN_ID | --version V] [--compare TABLE] [--compare-run RUN_ID] [--compare-version V]
         [--mix uncertainty:0.6,disagreement:0.2,rare_combination:0.2] [--label-quota Q]
-        [--rare-fraction 0.02] [--thresholds thresholds.json|BUNDLE|models:/NAME/VERSION]
+        [--rare-fraction 0.02] [--uncertainty-rule label_set|label] [--uncertainty-temperature 1.0]
+        [--thresholds thresholds.json|BUNDLE|models:/NAME/VERSION]
         [--seed 0] [--config select.yaml]
 
 Reads the latest row per image (one row per source_etag) across the table's runs, or one run's /
-version's rows, and picks --budget images: scores nearest their label's threshold (uncertainty),
+version's rows, and picks --budget images: images whose predicted label set is most likely wrong
+(uncertainty: scores near their labels' thresholds, several borderline labels first),
 images two sources tag differently (disagreement, when --compare/--compare-run/--compare-version
 is given), rare predicted label combinations, and a seeded random share if the mix asks for one;
 no label takes more than --label-quota rows. The queue (image, labels pre-filled from the
@@ -45,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rare-fraction", type=float, help="a combination is rare at most this share of images (0.02)"
+    )
+    p.add_argument(
+        "--uncertainty-rule",
+        help="label_set (default): images by the chance their label set is wrong; "
+        "label: each label's scores nearest its threshold",
+    )
+    p.add_argument(
+        "--uncertainty-temperature",
+        type=float,
+        help="logit distance to a threshold per e-fold of a decision's chance of being wrong (1.0)",
     )
     p.add_argument(
         "--thresholds", help="thresholds.json, bundle dir or models:/NAME/VERSION (default: per row)"

@@ -11,8 +11,16 @@ Which rows count: rows without ``error``, optionally of one run (``run``) or mod
 its ``source_etag`` (the same bytes under two URIs are one image; a row without an ETag is keyed
 by its URI). The reasons an image is picked:
 
-* ``uncertainty``: a score nearest its label's calibrated threshold, measured in logits
-  (``|logit(s) - logit(t)|``, so 0.02 from a 0.05 threshold counts as far as 0.2 from 0.5).
+* ``uncertainty``: images whose predicted label set is most likely wrong. Each label's decision is
+  measured by its score's distance to the label's calibrated threshold in logits,
+  ``d = |logit(s) - logit(t)|`` (so 0.02 from a 0.05 threshold counts as far as 0.2 from 0.5), and
+  read as the chance that this decision is wrong, ``p = 1 / (1 + exp(d / T))`` (0.5 on the
+  threshold; ``T`` = ``uncertainty_temperature``). With ``uncertainty_rule="label_set"`` (the
+  default) an image ranks by the chance that *any* of its decisions is wrong,
+  ``1 - prod_l (1 - p_l)``, so two borderline labels rank above one; its ``score`` is that chance
+  and its ``label`` the most doubtful of its labels that still has quota (any label whose own ``p``
+  is at least half the image's largest). With ``uncertainty_rule="label"`` (the rule before) each
+  label ranks its own scores by ``d``, round-robin over labels, and ``score`` is the label's score.
   Thresholds are the ones each row was tagged with: found by the row's ``thresholds_sha256`` in
   the run's report (``_runs/<run_id>/report/report.json``), else in the registered version the
   row names, or given as ``thresholds`` (a thresholds.json, a bundle dir or ``models:/`` URI).
@@ -20,7 +28,9 @@ by its URI). The reasons an image is picked:
   both sources tagged, ordered by how many labels they list differently, then by the largest
   score difference.
 * ``rare_combination``: images whose predicted label combination is rare (at most
-  ``rare_fraction`` of the images), rarest first, round-robin over combinations.
+  ``rare_fraction`` of the images), rarest first, round-robin over combinations; within a
+  combination the images whose label set is most likely wrong first (``label_set`` rule) or a
+  seeded sample (``label`` rule).
 * ``random``: a seeded uniform sample (share 0 by default; the control a queue is judged against).
 
 The budget is split by ``mix`` (a reason without candidates gives its share to the others); each
@@ -68,6 +78,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REASONS = ("uncertainty", "disagreement", "rare_combination", "random")
+UNCERTAINTY_RULES = ("label_set", "label")
 QUEUE_COLUMNS = ("image", "labels", "reason", "score", "label", "source_etag", "model_version", "run_id")
 DEFAULT_MIX = "uncertainty:0.6,disagreement:0.2,rare_combination:0.2"
 _EPS = 1e-6
@@ -119,6 +130,13 @@ class SelectConfig:
     mix: str = DEFAULT_MIX  # budget share per reason; a reason without candidates passes its share on
     label_quota: int | None = None  # most rows one label may take; None = 2 x budget / number of labels
     rare_fraction: float = 0.02  # a label combination is rare when at most this fraction of images has it
+    # uncertainty ranking: "label_set" = images by the chance that any label's decision is wrong;
+    # "label" = each label's scores by their logit distance to its threshold (round-robin over labels)
+    uncertainty_rule: str = "label_set"
+    # logits of distance to the threshold per e-fold of a decision's chance of being wrong (label_set
+    # rule): smaller = one very close label outranks several fairly close ones. 1.0 was chosen on the
+    # demo (BENCHMARKS.md "Labelling queue: is it worth labelling?")
+    uncertainty_temperature: float = 1.0
     thresholds: str | None = None  # thresholds.json, bundle dir or models:/ URI (default: found per row)
     seed: int = 0  # the random share's sample
     batch_size: int = 65_536  # rows per scanned batch (the memory of one step)
@@ -136,6 +154,13 @@ class SelectConfig:
             or self.label_quota < 1
         ):
             raise ConfigError(f"label_quota: expected an integer >= 1, got {self.label_quota!r}")
+        if self.uncertainty_rule not in UNCERTAINTY_RULES:
+            raise ConfigError(
+                f"uncertainty_rule: expected one of {', '.join(UNCERTAINTY_RULES)}, got {self.uncertainty_rule!r}"
+            )
+        t = self.uncertainty_temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not (math.isfinite(t) and t > 0):
+            raise ConfigError(f"uncertainty_temperature: expected a number > 0, got {t!r}")
         if not 0.0 < float(self.rare_fraction) <= 1.0:
             raise ConfigError(f"rare_fraction: expected a fraction in (0, 1], got {self.rare_fraction!r}")
         if not self.out or not str(self.out).lower().endswith((".csv", ".jsonl", ".parquet")):
@@ -165,7 +190,8 @@ class QueueRow:
     image: str
     labels: list[str]
     reason: str
-    score: float  # uncertainty: the label's score; disagreement: largest |score difference|;
+    score: float  # uncertainty: the chance the label set is wrong ("label_set" rule) or the label's
+    # score ("label" rule); disagreement: largest |score difference|;
     # rare_combination: the combination's share of images; random: the image's sample key
     label: str  # the label (or combination) it was picked for
     source_etag: str | None
@@ -510,6 +536,44 @@ def _thresholds_by_sha(
     return out
 
 
+def decision_doubt(
+    scores: np.ndarray, thresholds: np.ndarray, temperature: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How doubtful each thresholded decision is, and each image's whole label set.
+
+    ``scores`` (n, L) and ``thresholds`` (n, L) or (L,). Returns ``distance`` (n, L), the logit
+    distance ``|logit(s) - logit(t)|``; ``p_wrong`` (n, L), the chance read from it that the label's
+    decision is wrong, ``1 / (1 + exp(distance / temperature))`` (0.5 on the threshold, whatever the
+    threshold); and ``log_right`` (n,), ``sum_l log(1 - p_wrong)``: the log of the chance that every
+    decision is right, so ``1 - exp(log_right)`` is the chance the label set is wrong. Images rank by
+    ``log_right`` (ascending): no rounding to 1.0 when several labels are borderline.
+    """
+    s = np.clip(np.asarray(scores, dtype=np.float64), _EPS, 1 - _EPS)
+    t = np.clip(np.asarray(thresholds, dtype=np.float64), _EPS, 1 - _EPS)
+    distance = np.abs(np.log(s / (1 - s)) - np.log(t / (1 - t)))
+    z = distance / float(temperature)
+    p_wrong = np.exp(-np.logaddexp(0.0, z))  # 1 / (1 + e^z), stable for large z
+    log_right = -np.logaddexp(0.0, -z).sum(axis=1)  # log(1 - p) = -log(1 + e^-z)
+    return distance, p_wrong, log_right
+
+
+def _row_thresholds(batch: pa.RecordBatch, thresholds: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, L) thresholds each row was tagged with (by its ``thresholds_sha256``)."""
+    import pyarrow.compute as pc
+
+    shas = pc.dictionary_encode(batch.column("thresholds_sha256"))
+    table_t = np.stack([thresholds[str(sha)] for sha in shas.dictionary.to_pylist()])
+    return table_t[np.asarray(shas.indices.to_numpy(), dtype=np.int64)]
+
+
+def _doubtful_labels(p_wrong: np.ndarray, labels: list[str]) -> list[str]:
+    """One image's labels it may be counted under (label_set rule), most doubtful first: those
+    whose decision's chance of being wrong is at least half the image's largest."""
+    order = np.argsort(-p_wrong, kind="stable")
+    top = p_wrong[order[0]]
+    return [labels[int(j)] for j in order if p_wrong[j] >= 0.5 * top]
+
+
 # --------------------------------------------------------------------------------------------- pools
 
 
@@ -629,6 +693,7 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
     compare = None
     compared = 0
     quota = cfg.label_quota
+    by_label_set = cfg.uncertainty_rule == "label_set"
     for batch in source.batches(_SCAN_COLUMNS, cfg.batch_size):
         keys = _keys(batch)
         win = latest.is_latest(keys, _times(batch))
@@ -646,14 +711,26 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
                 other = _Source(cfg.compare or cfg.table, cfg.compare_run, cfg.compare_version)
                 compare = _compare_index(other, labels, cfg.batch_size)
         make = _row_maker(batch)
-        shas = pc.dictionary_encode(batch.column("thresholds_sha256"))
-        table_t = np.stack([thresholds[str(sha)] for sha in shas.dictionary.to_pylist()])
-        t = table_t[np.asarray(shas.indices.to_numpy(), dtype=np.int64)]
-        s = np.clip(scores.astype(np.float64), _EPS, 1 - _EPS)
-        tt = np.clip(t, _EPS, 1 - _EPS)
-        margin = np.abs(np.log(s / (1 - s)) - np.log(tt / (1 - tt)))
-        for j, pool in enumerate(uncertain):
-            pool.offer(margin[:, j], keys, lambda i, j=j: make(i, "uncertainty", scores[i, j], labels[j]))  # noqa: B023 - called inside offer()
+        margin, p_wrong, log_right = decision_doubt(
+            scores, _row_thresholds(batch, thresholds), cfg.uncertainty_temperature
+        )
+        if by_label_set:
+            # one pool per image's most doubtful label (its best `budget` images), ranked by the
+            # chance the image's whole label set is wrong; the draw merges them, best first
+            lead = p_wrong.argmax(axis=1)
+            for j, pool in enumerate(uncertain):
+                rows = np.flatnonzero(lead == j)
+                pool.offer(
+                    log_right[rows],
+                    keys[rows],
+                    lambda i, rows=rows, make=make, lr=log_right, pw=p_wrong, names=labels: {
+                        **make(int(rows[i]), "uncertainty", -math.expm1(lr[rows[i]]), ""),
+                        "_labels": _doubtful_labels(pw[rows[i]], names),
+                    },
+                )
+        else:
+            for j, pool in enumerate(uncertain):
+                pool.offer(margin[:, j], keys, lambda i, j=j: make(i, "uncertainty", scores[i, j], labels[j]))  # noqa: B023 - called inside offer()
         if shares.get("random", 0) > 0:
             order = _seeded(keys, cfg.seed).astype(np.float64) / 2.0**64
             random_pool.offer(order, keys, lambda i: make(i, "random", order[i], ""))  # noqa: B023 - called inside offer()
@@ -702,7 +779,13 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
             if not hit.any():
                 continue
             make = _row_maker(batch)
-            order = _seeded(keys, cfg.seed).astype(np.float64) / 2.0**64
+            if by_label_set:  # the combination's images whose label set is most likely wrong first
+                _, scores = _scores(batch, labels)
+                order = decision_doubt(
+                    scores, _row_thresholds(batch, thresholds), cfg.uncertainty_temperature
+                )[2]
+            else:
+                order = _seeded(keys, cfg.seed).astype(np.float64) / 2.0**64
             for m in np.unique(member[hit]):
                 c = kept[int(m)]
                 idx = np.flatnonzero(hit & (member == m))
@@ -717,7 +800,11 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
     # [4] fill the budget: each reason its share, round-robin over labels, a quota per label
     assert quota is not None
     candidates: dict[str, list[list[tuple[float, int, dict]]]] = {
-        "uncertainty": [p.items for p in uncertain],
+        # label_set: one list, best first over every label (the quota still caps each label);
+        # label: a list per label, taken round-robin
+        "uncertainty": [sorted((x for p in uncertain for x in p.items), key=lambda x: (x[0], x[1]))]
+        if by_label_set
+        else [p.items for p in uncertain],
         "disagreement": [disagree.items],
         "rare_combination": [rare_pools[c].items for c in sorted(rare_pools, key=lambda c: (rare[c], c))],
         "random": [random_pool.items],
@@ -730,8 +817,16 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
     picked: dict[int, dict] = {}
     per_label: Counter = Counter()
 
-    def label_of(row: dict) -> str | None:
-        return row["label"] if row["reason"] in ("uncertainty", "disagreement") else None
+    def quota_label(row: dict) -> tuple[bool, str | None]:
+        """(whether the row fits the quota, the label it counts under). A label_set row counts under
+        the most doubtful of its doubtful labels (``_labels``) that has room."""
+        if "_labels" in row:
+            for lab in row["_labels"]:
+                if per_label[lab] < quota:
+                    return True, lab
+            return False, None
+        lab = row["label"] if row["reason"] in ("uncertainty", "disagreement") else None
+        return lab is None or per_label[lab] < quota, lab
 
     def draw(reason: str, limit: int) -> int:
         """Round-robin over the reason's lists (labels / combinations): each turn takes the next
@@ -744,8 +839,7 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
             for li, items in enumerate(lists):
                 while cursors[li] < len(items):
                     order, key, row = items[cursors[li]]
-                    lab = label_of(row)
-                    if key in picked or (lab is not None and per_label[lab] >= quota):
+                    if key in picked or not quota_label(row)[0]:
                         cursors[li] += 1
                         continue
                     turn.append((order, li))
@@ -755,9 +849,11 @@ def select_queue(cfg: SelectConfig) -> QueueResult:
             for _, li in sorted(turn):
                 order, key, row = lists[li][cursors[li]]
                 cursors[li] += 1
-                lab = label_of(row)
-                if key in picked or (lab is not None and per_label[lab] >= quota):
+                fits, lab = quota_label(row)
+                if key in picked or not fits:
                     continue  # taken or filled earlier in this turn
+                if "_labels" in row:
+                    row = {k: v for k, v in row.items() if k != "_labels"} | {"label": lab}
                 picked[key] = row
                 if lab is not None:
                     per_label[lab] += 1

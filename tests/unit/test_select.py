@@ -93,7 +93,7 @@ def read_queue(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_uncertainty_picks_the_scores_nearest_each_threshold_in_logits(tmp_path: Path) -> None:
+def test_label_rule_picks_the_scores_nearest_each_threshold_in_logits(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     scores = confident(rng, 120)
     # four planted near-threshold images per label, at known distances
@@ -105,7 +105,11 @@ def test_uncertainty_picks_the_scores_nearest_each_threshold_in_logits(tmp_path:
             planted[i] = LABELS[j]
     uris = write_run(tmp_path / "t", "r1", scores)
     out = tmp_path / "q.csv"
-    res = select_queue(SelectConfig(table=str(tmp_path / "t"), budget=12, out=str(out), mix="uncertainty:1"))
+    res = select_queue(
+        SelectConfig(
+            table=str(tmp_path / "t"), budget=12, out=str(out), mix="uncertainty:1", uncertainty_rule="label"
+        )
+    )
     rows = read_queue(out)
     assert len(rows) == 12 == len(res.rows)
     assert {r["image"] for r in rows} == {uris[i] for i in planted}
@@ -115,6 +119,92 @@ def test_uncertainty_picks_the_scores_nearest_each_threshold_in_logits(tmp_path:
         assert abs(float(r["score"]) - scores[i, LABELS.index(planted[i])]) < 1e-6
         listed = [lab for lab, s, t in zip(LABELS, scores[i], THRESHOLDS.values, strict=True) if s >= t]
         assert r["labels"] == "|".join(listed)  # pre-filled from the prediction
+
+
+def at_logit_distance(threshold: float, distance: float) -> float:
+    """The score whose logit is ``distance`` above the threshold's (below when negative)."""
+    return float(1 / (1 + np.exp(-(np.log(threshold / (1 - threshold)) + distance))))
+
+
+def test_decision_doubt_is_the_chance_a_thresholded_decision_is_wrong() -> None:
+    from mlc_ray.select import decision_doubt
+
+    t = np.array([0.05, 0.5, 0.7])
+    on = decision_doubt(t[None, :], t)[1]
+    assert np.allclose(on, 0.5)  # on its threshold a decision is a coin flip, whatever the threshold
+    # the same logit distance above or below any threshold is the same doubt
+    scores = np.array([[at_logit_distance(x, d) for x in t] for d in (1.0, -1.0)])
+    distance, p_wrong, log_right = decision_doubt(scores, t)
+    assert np.allclose(distance, 1.0) and np.allclose(p_wrong, 1 / (1 + np.e))
+    assert np.allclose(1 - np.exp(log_right), 1 - (1 - 1 / (1 + np.e)) ** 3)  # any of 3 decisions wrong
+    # the temperature scales the distance: 2 logits at T=2 is 1 logit at T=1
+    far = np.array([[at_logit_distance(x, 2.0) for x in t]])
+    assert np.allclose(decision_doubt(far, t, 2.0)[1], 1 / (1 + np.e))
+    # confident decisions: log_right stays finite and ordered where 1 - p rounds to 1.0
+    sure = np.array([[0.999999, 0.000001, 0.99], [0.999999, 0.000001, 0.999999]])
+    lr = decision_doubt(sure, t)[2]
+    assert np.all(np.isfinite(lr)) and lr[0] < lr[1] < 0
+
+
+def test_label_set_rule_ranks_several_borderline_labels_above_one(tmp_path: Path) -> None:
+    # image A: one label 0.3 logits from its threshold; image B: two labels 0.6 logits away (each
+    # farther than A's); image C: one label 0.6 away. Chance the set is wrong (T=1):
+    # A 1/(1+e^0.3) = 0.426, B 1 - (1 - 1/(1+e^0.6))^2 = 0.583, C 0.354: B, A, C
+    rng = np.random.default_rng(9)
+    scores = confident(rng, 60)
+    t = THRESHOLDS.values
+    a, b, c = 11, 23, 37
+    scores[a, 0] = at_logit_distance(t[0], 0.3)
+    scores[b, 1] = at_logit_distance(t[1], -0.6)
+    scores[b, 2] = at_logit_distance(t[2], 0.6)
+    scores[c, 2] = at_logit_distance(t[2], -0.6)
+    uris = write_run(tmp_path / "t", "r1", scores)
+    out = tmp_path / "q.csv"
+    cfg = dict(table=str(tmp_path / "t"), out=str(out), mix="uncertainty:1")
+    res = select_queue(SelectConfig(**cfg, budget=3))
+    assert [r.image for r in res.rows] == [uris[b], uris[a], uris[c]]
+    rows = read_queue(out)
+    for row, i in zip(rows, (b, a), strict=False):  # the chance the set is wrong: any of 3 decisions
+        logit = np.log(scores[i] / (1 - scores[i])) - np.log(np.array(t) / (1 - np.array(t)))
+        assert abs(float(row["score"]) - (1 - np.prod(1 - 1 / (1 + np.exp(np.abs(logit)))))) < 1e-5
+    assert rows[0]["reason"] == "uncertainty" and rows[0]["label"] in ("dog", "red")
+    assert rows[1]["label"] == "cat" and rows[2]["label"] == "red"
+    listed = [lab for lab, s_, t_ in zip(LABELS, scores[b], t, strict=True) if s_ >= t_]
+    assert rows[0]["labels"] == "|".join(listed)  # pre-filled from the prediction
+    # the per-label rule takes A first (nearest one threshold); a small temperature makes the set
+    # rule lean the same way (one very close label outweighs two fairly close ones)
+    old = select_queue(SelectConfig(**cfg, budget=1, uncertainty_rule="label"))
+    assert [r.image for r in old.rows] == [uris[a]]
+    cold = select_queue(SelectConfig(**cfg, budget=1, uncertainty_temperature=0.1))
+    assert [r.image for r in cold.rows] == [uris[a]]
+
+
+def test_label_set_rule_counts_an_image_under_a_doubtful_label_with_room(tmp_path: Path) -> None:
+    # 12 images borderline on "cat" only and 12 borderline on "cat" (nearer) and "dog": with a quota
+    # of 4 the "cat"+"dog" images fill "cat", then count under "dog"; "cat"-only ones stop at the quota
+    scores = np.full(
+        (100, 3), 0.02
+    )  # the same doubt elsewhere: the order is the planted one  # the same doubt elsewhere: the order is the planted one
+    both, cat_only = range(0, 12), range(50, 62)
+    for k, i in enumerate(both):
+        scores[i, 0] = at_logit_distance(0.5, 0.05 + 0.01 * k)
+        scores[i, 1] = at_logit_distance(0.3, -(0.2 + 0.01 * k))
+    for k, i in enumerate(cat_only):
+        scores[i, 0] = at_logit_distance(0.5, -(0.1 + 0.01 * k))
+    uris = write_run(tmp_path / "t", "r1", scores)
+    res = select_queue(
+        SelectConfig(
+            table=str(tmp_path / "t"),
+            budget=10,
+            out=str(tmp_path / "q.csv"),
+            mix="uncertainty:1",
+            label_quota=4,
+        )
+    )
+    by_label = {lab: [r.image for r in res.rows if r.label == lab] for lab in LABELS}
+    assert len(by_label["cat"]) == 4 and len(by_label["dog"]) == 4, by_label
+    assert set(by_label["cat"] + by_label["dog"]) == {uris[i] for i in both[:8]}
+    assert len(res.rows) == 8  # "red" is doubtful on none of the rest: no image may count under it
 
 
 def test_queue_is_a_manifest_train_accepts(tmp_path: Path) -> None:
@@ -253,6 +343,23 @@ def test_rare_combinations_are_picked_rarest_first(tmp_path: Path) -> None:
     assert by_combo == {"cat|red", "cat|dog|red"}
 
 
+def test_rare_combination_takes_its_most_doubtful_images_first(tmp_path: Path) -> None:
+    n = 200
+    scores = np.full((n, 3), 0.02)
+    scores[:150, 0] = 0.98
+    scores[150:196, 1] = 0.98
+    scores[196:200, [0, 2]] = 0.98  # cat|red: 4 images (2% of 200: rare)
+    scores[198, 1] = at_logit_distance(0.3, -0.2)  # one of them nearly lists "dog" too
+    uris = write_run(tmp_path / "t", "r1", scores)
+    cfg = dict(table=str(tmp_path / "t"), budget=1, out=str(tmp_path / "q.csv"), mix="rare_combination:1")
+    for seed in (0, 1, 2):
+        res = select_queue(SelectConfig(**cfg, seed=seed))
+        assert [(r.image, r.reason, r.label) for r in res.rows] == [
+            (uris[198], "rare_combination", "cat|red")
+        ]
+        assert abs(res.rows[0].score - 4 / n) < 1e-9  # the combination's share of images
+
+
 def test_streaming_batches_give_the_same_queue(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     write_run(tmp_path / "t", "r1", rng.random((300, 3)), file_rows=37)
@@ -322,6 +429,8 @@ def test_thresholds_come_from_the_flag_when_no_report(tmp_path: Path, monkeypatc
         (["--table", "{tmp}/t", "--mix", "vibes:1"], "mix: expected REASON:SHARE"),
         (["--table", "{tmp}/t", "--out", "{tmp}/q.txt"], "out: the queue is a manifest file"),
         (["--table", "{tmp}/t", "--rare-fraction", "2"], "rare_fraction"),
+        (["--table", "{tmp}/t", "--uncertainty-rule", "vibes"], "uncertainty_rule: expected one of"),
+        (["--table", "{tmp}/t", "--uncertainty-temperature", "0"], "uncertainty_temperature: expected"),
         (["--budget", "3"], "table: give the tag table"),
     ],
 )
