@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     from mlc_ray.select import SelectConfig, select_queue
 
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"  # the rows' thresholds: v1's
     shares = []
     for seed in range(args.random):
         rnd = work / "random.csv"

@@ -34,7 +34,8 @@ by its URI). The reasons an image is picked:
 * ``random``: a seeded uniform sample (share 0 by default; the control a queue is judged against).
 
 The budget is split by ``mix`` (a reason without candidates gives its share to the others); each
-reason takes its candidates in order, round-robin over labels, and **no label takes more than
+reason takes its candidates in order (``uncertainty`` under the ``label_set`` rule: best first over
+every label; otherwise round-robin over labels or combinations), and **no label takes more than
 ``label_quota`` rows** (default: twice its equal share), so a common label cannot fill the queue.
 One row per image.
 
@@ -134,8 +135,9 @@ class SelectConfig:
     # "label" = each label's scores by their logit distance to its threshold (round-robin over labels)
     uncertainty_rule: str = "label_set"
     # logits of distance to the threshold per e-fold of a decision's chance of being wrong (label_set
-    # rule): smaller = one very close label outranks several fairly close ones. 1.0 was chosen on the
-    # demo (BENCHMARKS.md "Labelling queue: is it worth labelling?")
+    # rule): smaller = one very close label outranks several fairly close ones. 1.0 = the logit
+    # distance read as is; 0.25-4 measured alike on the demo's tuning pool (BENCHMARKS.md
+    # "Labelling queue: is it worth labelling?")
     uncertainty_temperature: float = 1.0
     thresholds: str | None = None  # thresholds.json, bundle dir or models:/ URI (default: found per row)
     seed: int = 0  # the random share's sample
