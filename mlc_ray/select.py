@@ -43,7 +43,8 @@ Memory: the scans hold one batch (``batch_size`` rows) at a time; across the tab
 bytes per distinct image (64-bit key hash + ``tagged_at``: which row is the latest), a second
 source's 8 + 3 x L bytes per image (key, float16 scores, listed flags), the count of each label
 combination, and candidate pools of at most ``budget`` rows per label and reason. Measured peak
-(BENCHMARKS.md "Labelling queue"): 1.4 GiB on a 10-million-row table, more than these structures
+(BENCHMARKS.md "Labelling queue"): 1.4 GiB on a 10-million-row table (per-label rule; the
+label_set rule measured 6 % more at 1 M rows), more than these structures
 explain; the remainder grows with the rows scanned and is not traced yet.
 """
 
