@@ -11,6 +11,7 @@ re-exported here), so nothing below the jobs needs this module for them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ __all__ = [
     "EXIT_USER_ERROR",
     "setup_logging",
     "init_ray",
+    "shutdown_local_ray",
     "run_job",
 ]
 
@@ -76,10 +78,50 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 
     plain_console()  # no colour codes in logs that are not a terminal (ray job logs, cron, CI)
     ray.init(address=address, log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
+    global _STARTED_LOCAL_RAY
+    _STARTED_LOCAL_RAY = address in (None, "local")
+
+
+_STARTED_LOCAL_RAY = False  # set by init_ray when it started an embedded local Ray (not a cluster)
+
+
+def shutdown_local_ray() -> None:
+    """Stop the local Ray that ``init_ray`` started in this process; anything else is left alone (a
+    cluster this job connected to, a Ray the caller started: tests, notebooks).
+
+    What Ray's own exit hook does, less its waits: the hook sleeps 0.5 s first, and the autoscaler
+    monitor of a local Ray takes its whole 1 s grace period to answer SIGTERM (measured 2026-12-02:
+    1.0 of ray.shutdown's 1.4 s). It holds nothing a local run needs saved, so it is killed first."""
+    global _STARTED_LOCAL_RAY
+    if not _STARTED_LOCAL_RAY:
+        return
+    _STARTED_LOCAL_RAY = False
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = getattr(ray._private.worker, "_global_node", None)
+    from ray._private import ray_constants
+
+    monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
+    for info in monitors:
+        if info.process.poll() is None:
+            info.process.kill()
+            # reaped later by ray.shutdown if not now; never fail a finished job for it
+            with contextlib.suppress(Exception):
+                info.process.wait(timeout=1)
+    ray.shutdown()
 
 
 def run_job(fn: Callable[[], int | None]) -> int:
     """Run a job body; user errors become one line on stderr and a non-zero exit code."""
+    try:
+        return _run_job(fn)
+    finally:
+        shutdown_local_ray()  # a local Ray this job started (not one it found running)
+
+
+def _run_job(fn: Callable[[], int | None]) -> int:
     try:
         code = fn()
         return 0 if code is None else int(code)

@@ -61,7 +61,7 @@ from mlc_ray.tagging.listing import finished_run_notice, list_run, open_run
 from mlc_ray.tagging.parallelism import Parallelism, choose_parallelism
 from mlc_ray.tagging.predictor import Predictor
 from mlc_ray.tagging.read import read_objects, read_with_retry
-from mlc_ray.tagging.report import RunReport, load_expectation
+from mlc_ray.tagging.report import MlflowConnection, RunReport, load_expectation
 from mlc_ray.tagging.resolve import load_model_metadata, resolve
 from mlc_ray.tagging.state import row_affecting_settings, run_dir
 from mlc_ray.tagging.summary import EXIT_DRIFT, EXIT_ERROR_RATE, TagSummary
@@ -169,6 +169,9 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         cfg.output,
         state.dt,
     )
+
+    # the report's MLflow run: connect now, in the background (import + store open take seconds)
+    mlflow_connection = MlflowConnection() if digests and cfg.report and cfg.mlflow else None
 
     writer = TagTableWriter(cfg.output, state.dt, run_id)
     committed = writer.committed_names()
@@ -327,6 +330,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         model_alias=model.alias,
         n_shards=len(digests),
         log_to_mlflow=cfg.mlflow,
+        mlflow_connection=mlflow_connection,
     )
     timings.lap("report + MLflow")
     summary.drift = [d.to_dict() for d in drift if d.status in ("moved", "too few")]

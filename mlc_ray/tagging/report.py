@@ -48,7 +48,13 @@ from mlc_ray.tagging.report_drift import (
     drift_rows,
     load_expectation,
 )
-from mlc_ray.tagging.report_render import TAGGING_EXPERIMENT, log_report_to_mlflow, sheet_name, write_report
+from mlc_ray.tagging.report_render import (
+    TAGGING_EXPERIMENT,
+    MlflowConnection,
+    log_report_to_mlflow,
+    sheet_name,
+    write_report,
+)
 from mlc_ray.tagging.report_samples import (
     SAMPLE_KINDS,
     SAMPLES_PER_KIND,
@@ -73,6 +79,7 @@ from mlc_ray.tagging.report_stats import (
 
 __all__ = [
     "HIST_BINS",
+    "MlflowConnection",
     "SAMPLE_KINDS",
     "SAMPLES_PER_KIND",
     "THUMB_SIDE",
@@ -194,6 +201,7 @@ class RunReport:
         model_alias: str | None,
         n_shards: int,
         log_to_mlflow: bool = True,
+        mlflow_connection: MlflowConnection | None = None,
     ) -> tuple[list[DriftRow], dict | None]:
         """Drift rows always; with the report enabled also the files and the MLflow run (returns the
         report document, with ``index`` and ``mlflow_run_id``)."""
@@ -242,7 +250,12 @@ class RunReport:
         doc["index"] = f"{self.dir}/index.html"
         doc["mlflow_run_id"] = (
             log_report_to_mlflow(
-                self.dir, doc, model_name=model_name, model_version=model_version, model_alias=model_alias
+                self.dir,
+                doc,
+                model_name=model_name,
+                model_version=model_version,
+                model_alias=model_alias,
+                connection=mlflow_connection,
             )
             if log_to_mlflow
             else None

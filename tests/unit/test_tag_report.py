@@ -198,3 +198,63 @@ def test_progress_line_every_n_seconds(caplog, monkeypatch) -> None:
     assert progress.lines == 1
     assert "tagging: 400/1000 images (40%), 10.0 images/s, ETA 1m00s, 3 errors" in caplog.text
     assert format_eta(7300) == "2h01m" and format_eta(None) == "?" and format_eta(5) == "5s"
+
+
+def test_histogram_panels_draw_the_scores_and_the_threshold() -> None:
+    """The PNG shows each label's histogram where its scores are and the threshold where it is."""
+    import io
+
+    from PIL import Image
+
+    from mlc_ray.tagging.report_render import _histograms_png
+    from mlc_ray.tagging.report_stats import HIST_BINS
+
+    hist = np.zeros((2, HIST_BINS), dtype=np.int64)
+    hist[0, 0] = 90  # label a: every score in the lowest bin
+    hist[1, -1] = 90  # label b: every score in the highest bin
+    img = np.asarray(
+        Image.open(io.BytesIO(_histograms_png(["a", "b"], hist, [0.25, 0.75], None))).convert("RGB")
+    )
+    blue = (img[..., 2] > 150) & (img[..., 0] < 120)  # the bars' colour
+    panel_w = img.shape[1] // 2
+    cols_a = np.flatnonzero(blue[:, :panel_w].any(axis=0))
+    cols_b = np.flatnonzero(blue[:, panel_w:].any(axis=0))
+    assert cols_a.size and cols_b.size
+    assert cols_a.max() < panel_w * 0.3  # a's bar on the left of its panel
+    assert cols_b.min() > panel_w * 0.7  # b's bar on the right of its panel
+    # the dashed threshold line: dark pixels in a column at 25 % of a's plot, not at 75 %
+    dark = img.sum(axis=2) < 100
+    plot = slice(40, img.shape[0] - 30)
+
+    def dark_rows(x: int) -> int:
+        return int(dark[plot, x - 1 : x + 2].any(axis=1).sum())
+
+    left, right = 28, panel_w - 8
+    assert dark_rows(int(left + 0.25 * (right - left))) > 10
+    assert dark_rows(int(left + 0.75 * (right - left))) < 5
+
+
+def test_mlflow_connection_error_is_a_warning_not_a_failed_run(tmp_path, caplog, monkeypatch) -> None:
+    """The report's MLflow connection runs in the background; its failure reaches the caller as a
+    warning and no run id, never as an exception of the finished tagging run."""
+    from mlflow.exceptions import MlflowException  # before the connection's thread imports mlflow
+
+    from mlc_ray.tagging.report_render import MlflowConnection, log_report_to_mlflow
+
+    (tmp_path / "report").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus-scheme://nowhere")
+    conn = MlflowConnection()
+    with pytest.raises(MlflowException):
+        conn.get()
+    doc = {"summary": {"run_id": "r1"}, "labels": [], "errors_by_code": {}, "drift_alerts": []}
+    with caplog.at_level(logging.WARNING):
+        got = log_report_to_mlflow(
+            str(tmp_path / "report"),
+            doc,
+            model_name="m",
+            model_version="1",
+            model_alias=None,
+            connection=conn,
+        )
+    assert got is None
+    assert "not logged to MLflow" in caplog.text
