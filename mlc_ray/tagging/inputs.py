@@ -138,6 +138,7 @@ class ShardStore:
     def __init__(self, state_dir: str) -> None:
         from mlc_ray import storage
 
+        self.state_dir = state_dir
         self.dir = storage.join(state_dir, "shards")
 
     def uri(self, index: int) -> str:

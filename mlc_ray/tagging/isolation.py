@@ -1,12 +1,12 @@
 """Poison images: the isolation pass that finds the image(s) that crash or hang their process.
 
-When a batch's actor has died ``PREDICTOR_MAX_TASK_RETRIES + 1`` times (``window.py``), the window's
-dataset stops and ``isolate`` tags the images of its uncommitted shards again on ``Isolator`` actors
+When a batch's actor has died ``PREDICTOR_MAX_TASK_RETRIES + 1`` times (``dataset.py``), the run's
+dataset stops and ``isolate`` tags the images of the shards it had in flight again on ``Isolator`` actors
 (``max_restarts=0``, ``max_task_retries=0``): a group whose process dies, or outlives
 ``--batch-timeout-s`` (timed by the driver from when the call reaches an idle, ready actor; the
 actor is then killed), is split in halves until the image is alone; alone, it gets
 ``ISOLATION_ATTEMPTS`` tries, then its row says ``crashed: ...`` or ``timeout: ...``. The job goes
-on; more than ``ISOLATION_MAX_IMAGES`` such images in one window means the model or the machine is
+on; more than ``ISOLATION_MAX_IMAGES`` such images in one isolation pass means the model or the machine is
 broken, not an image: the run fails with a clear error.
 """
 
@@ -34,7 +34,7 @@ __all__ = ["isolate", "Isolator", "ISOLATION_ATTEMPTS", "ISOLATION_MAX_IMAGES"]
 log = logging.getLogger(__name__)
 
 ISOLATION_ATTEMPTS = 2  # tries of an isolated single image before its row says crashed/timeout
-ISOLATION_MAX_IMAGES = 20  # more crashing images than this in one window: the run fails instead
+ISOLATION_MAX_IMAGES = 20  # more crashing images than this in one isolation pass: the run fails instead
 
 
 class Isolator:

@@ -11,12 +11,13 @@ orchestrator: each stage lives in the module named for it.
    the same run), then the input as a stream of pages cut into shards of ``shard_size`` keys, each
    shard's descriptor persisted under ``<output>/_runs/<run_id>/shards/`` (driver memory: one
    shard). ``--incremental`` drops keys whose (uri, etag) this model version already tagged.
-3. **Tag** (``window.py``) pending shards in windows of about ``WINDOW_KEYS`` keys: a Ray Dataset of
-   the window's keys → ``read_objects`` tasks (``read.py``: threads, retries with jittered backoff,
-   a missing or unreadable object becomes an ``unreadable`` error row) → ``Predictor`` actors
-   (``predictor.py``, ``ActorPoolStrategy`` sized by ``parallelism.py``): robust decode at draft
+3. **Tag** (``dataset.py``) every pending shard in **one** Ray Dataset, so each actor loads the
+   model once for the whole run: chunk references (shard, start, stop) → ``read_chunks`` tasks
+   (the chunk's keys from the shard's descriptor, then ``read.py``: threads, retries with jittered
+   backoff, a missing or unreadable object becomes an ``unreadable`` error row) → ``Predictor``
+   actors (``predictor.py``, ``ActorPoolStrategy`` sized by ``parallelism.py``): robust decode at draft
    scale, ``preprocess_eval`` per the version's ``preprocess.json``, inference, thresholds, and a
-   ``pyarrow.Table`` in the tag-table schema.
+   ``pyarrow.Table`` in the tag-table schema. The driver buffers only the shards in flight.
 4. **Commit** (``commit.py``): the driver gathers each shard's rows; when all of a shard's positions
    are in (no more, no less, in the shard's order) it writes the shard's Parquet file under a
    temporary name and commits it under its deterministic name. Committed shards are skipped on a
@@ -24,11 +25,11 @@ orchestrator: each stage lives in the module named for it.
    actor died (at most ``PREDICTOR_MAX_TASK_RETRIES`` times), and a shard is only committed whole.
    **Poison images** (``isolation.py``): a batch running longer than ``--batch-timeout-s`` makes its
    actor exit (the Predictor's watchdog thread), so a hang becomes an actor death too. When a
-   batch's actor has died ``PREDICTOR_MAX_TASK_RETRIES + 1`` times, the window's dataset stops and
-   the images of its uncommitted shards are *isolated*: tagged again in small groups, halved on a
+   batch's actor has died ``PREDICTOR_MAX_TASK_RETRIES + 1`` times, the dataset stops and
+   the images of the shards it had in flight are *isolated*: tagged again in small groups, halved on a
    death or a timeout until the image is alone; alone, it gets ``ISOLATION_ATTEMPTS`` tries, then
    its row says ``crashed: ...`` or ``timeout: ...``. The job goes on; more than
-   ``ISOLATION_MAX_IMAGES`` such images in one window means the model or the machine is broken,
+   ``ISOLATION_MAX_IMAGES`` such images in one isolation pass means the model or the machine is broken,
    not an image: the run fails with a clear error.
 5. **Summarise** (``summary.py``): counts and errors by code in ``summary.json`` (+ ``_SUCCESS`` when
    the error rate is within ``--max-error-rate``) under the run's state directory, and a table in
@@ -56,6 +57,7 @@ from mlc_ray.cli import JobError
 from mlc_ray.progress import ProgressLine, quiet_ray_progress
 from mlc_ray.tagging.commit import ShardBuffer, ShardCommitter, gather_totals
 from mlc_ray.tagging.config import TagConfig
+from mlc_ray.tagging.dataset import PREDICTOR_MAX_TASK_RETRIES, READ_BLOCK_KEYS, tag_shards
 from mlc_ray.tagging.isolation import ISOLATION_ATTEMPTS, ISOLATION_MAX_IMAGES
 from mlc_ray.tagging.listing import finished_run_notice, list_run, open_run
 from mlc_ray.tagging.parallelism import Parallelism, choose_parallelism
@@ -66,7 +68,6 @@ from mlc_ray.tagging.resolve import load_model_metadata, resolve
 from mlc_ray.tagging.state import row_affecting_settings, run_dir
 from mlc_ray.tagging.summary import EXIT_DRIFT, EXIT_ERROR_RATE, TagSummary
 from mlc_ray.tagging.table import Provenance, TagTableWriter, shard_file_name
-from mlc_ray.tagging.window import PREDICTOR_MAX_TASK_RETRIES, READ_BLOCK_KEYS, tag_window
 
 __all__ = [
     "run_tagging",
@@ -80,7 +81,6 @@ __all__ = [
     "ShardBuffer",
     "EXIT_ERROR_RATE",
     "EXIT_DRIFT",
-    "WINDOW_KEYS",
     "READ_BLOCK_KEYS",
     "PREDICTOR_MAX_TASK_RETRIES",
     "ISOLATION_ATTEMPTS",
@@ -88,8 +88,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WINDOW_KEYS = 50_000  # keys per Ray Dataset: bounds the driver's buffered results
 
 
 class Timings:
@@ -223,7 +221,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         cfg.progress_every,
     )
 
-    # [3]+[4] tag pending shards, window by window; each shard is committed as soon as it is whole
+    # [3]+[4] tag every pending shard in one dataset; each shard is committed as soon as it is whole
     timings.lap("run state + listing")
     t_tag = time.monotonic()
     committer = None
@@ -274,27 +272,30 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         }
         committer = ShardCommitter(writer, counts_dir, report, summary)
         timings.lap("Ray start")
-        window = max(1, WINDOW_KEYS // cfg.shard_size)
-        for w in range(0, len(pending), window):
-            shards = [store.get(i) for i in pending[w : w + window]]
-            for shard in shards:
-                if shard.digest != digests[shard.index]:
-                    raise RuntimeError(
-                        f"{store.uri(shard.index)}: descriptor does not match the run's listing"
-                    )
-            started, seen = time.monotonic(), len(first_rows)
-            stats = tag_window(
-                cfg, shards, par, predictor_kwargs, committer, progress=progress, first_rows=first_rows
-            )
-            if len(first_rows) > seen:
-                pool_start_s += first_rows[-1] - started
-            # Ray Data's per-operator timings (read tasks, Predictor actors, the driver's wait):
-            # where a run's time went, kept beside its state for whoever tunes the job
+        started, seen = time.monotonic(), len(first_rows)
+        pending_keys = {
+            i: (max(0, min(shard_keys, state.n_images - i * shard_keys)), digests[i]) for i in pending
+        }
+        all_stats = tag_shards(
+            cfg,
+            store,
+            pending_keys,
+            par,
+            predictor_kwargs,
+            committer,
+            progress=progress,
+            first_rows=first_rows,
+        )
+        if len(first_rows) > seen:
+            pool_start_s += first_rows[seen] - started
+        # Ray Data's per-operator timings (read tasks, Predictor actors, the driver's wait):
+        # where a run's time went, kept beside its state for whoever tunes the job
+        for d, stats in enumerate(all_stats):
             stats_uri = storage.join(
-                run_dir(cfg.output, run_id), "stats", f"attempt-{state.attempts}-window-{w // window}.txt"
+                run_dir(cfg.output, run_id), "stats", f"attempt-{state.attempts}-dataset-{d}.txt"
             )
             storage.write_text(stats_uri, stats)
-            log.info("Ray Data stats of this window: %s", stats_uri)
+            log.info("Ray Data stats of this run's dataset: %s", stats_uri)
     wall_tag = time.monotonic() - t_tag
     if pending:
         timings.lap("tagging")

@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     if args.read_block_keys:
-        from mlc_ray.tagging import window
+        from mlc_ray.tagging import dataset as tag_dataset
 
-        window.READ_BLOCK_KEYS = args.read_block_keys
+        tag_dataset.READ_BLOCK_KEYS = args.read_block_keys
     if args.predictor_delay_s:
         from tests.chaos.hooks import install_predictor_faults
 

@@ -8,7 +8,7 @@ usual, so the hook is inert for the rest of the tier. Each crash or hang appends
 the attempts.
 
 **Predictor faults** (monkeypatching in the driver): ``install_predictor_faults`` replaces the
-``Predictor`` class that tagging's Ray Data stage (``mlc_ray.tagging.window``) maps with, in the
+``Predictor`` class that tagging's Ray Data stage (``mlc_ray.tagging.dataset``) maps with, in the
 driver process only, by ``faulty_predictor``: a subclass made inside a function, so cloudpickle
 ships it to the actors *by value* (with its settings) and the workers need no test code on their
 path. It keeps the name ``Predictor`` (the actor title ``MapBatches(Predictor)`` the tests look
@@ -80,11 +80,11 @@ def faulty_predictor(*, delay_s: float = 0.0, exit_once_marker: str | None = Non
 def install_predictor_faults(monkeypatch: Any = None, **faults: Any) -> type:
     """Make this process's tagging runs map with ``faulty_predictor(**faults)``; with a pytest
     ``monkeypatch`` the swap is undone after the test (a driver process keeps it)."""
-    from mlc_ray.tagging import window
+    from mlc_ray.tagging import dataset as tag_dataset
 
     cls = faulty_predictor(**faults)
     if monkeypatch is not None:
-        monkeypatch.setattr(window, "Predictor", cls)
+        monkeypatch.setattr(tag_dataset, "Predictor", cls)
     else:
-        window.Predictor = cls
+        tag_dataset.Predictor = cls
     return cls

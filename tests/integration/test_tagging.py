@@ -77,9 +77,9 @@ def test_one_row_per_image_with_errors_as_rows(first_run, images, bundle) -> Non
     assert summary.errors == sum(1 for c in expected.values() if c)
     assert summary.shards == 3 and summary.ok == N_IMAGES - summary.errors
     assert storage.exists(f"{cfg.output}/_runs/{summary.run_id}/_SUCCESS")
-    # where the time went: Ray Data's per-operator stats of the run's (one) window
-    stats = storage.read_text(f"{cfg.output}/_runs/{summary.run_id}/stats/attempt-1-window-0.txt")
-    assert "read_objects" in stats and "Predictor" in stats
+    # where the time went: Ray Data's per-operator stats of the run's (one) dataset
+    stats = storage.read_text(f"{cfg.output}/_runs/{summary.run_id}/stats/attempt-1-dataset-0.txt")
+    assert "read_chunks" in stats and "Predictor" in stats
 
 
 def test_labels_equal_the_pyfunc_model(first_run, images, bundle) -> None:
@@ -170,6 +170,39 @@ def test_actor_crash_midway_every_image_exactly_once(bundle, images, tmp_path, m
     uris = read_table(output).column("image_uri").to_pylist()
     assert len(uris) == N_IMAGES and set(uris) == set(expected)
     assert summary.images == N_IMAGES
+
+
+def test_many_shards_one_dataset_the_model_loaded_once_per_actor(
+    bundle, images, tmp_path, monkeypatch
+) -> None:
+    """A run of many shards (19 of 16 keys) loads the model once per inference actor for the whole
+    run (not once per shard or group of shards), and holds every image exactly once."""
+    from mlc_ray.tagging import dataset as tag_dataset
+    from mlc_ray.tagging.pipeline import run_tagging
+    from mlc_ray.tagging.predictor import Predictor
+
+    loads = tmp_path / "model-loads.txt"
+
+    class CountingPredictor(Predictor):  # defined here: Ray ships it to the actors by value
+        def __init__(self, **kwargs) -> None:
+            with open(loads, "a") as fh:
+                fh.write(f"{os.getpid()}\n")
+            super().__init__(**kwargs)
+
+    CountingPredictor.__name__ = "Predictor"
+    monkeypatch.setattr(tag_dataset, "Predictor", CountingPredictor)
+    prefix, expected = images
+    output = "s3://tagging-inputs/tags-many-shards"
+    cfg = TagConfig(
+        model=bundle, input=prefix, output=output, shard_size=16, batch_size=16, actors="2",
+        max_error_rate=0.5, report=False,
+    )  # fmt: skip
+    summary = run_tagging(cfg)
+    assert summary.shards == -(-N_IMAGES // 16) == 19
+    uris = read_table(output).column("image_uri").to_pylist()
+    assert len(uris) == N_IMAGES and set(uris) == set(expected)
+    pids = loads.read_text().split()
+    assert 1 <= len(pids) <= 2 and len(set(pids)) == len(pids), pids  # one load per actor, 2 actors
 
 
 def test_error_rate_above_ceiling_fails_the_job(bundle, images) -> None:
