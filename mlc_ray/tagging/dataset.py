@@ -11,9 +11,9 @@ by ``parallelism.py``). The driver keeps a buffer only for shards whose rows hav
 (``commit.py``), so its memory holds the shards in flight, not the run.
 
 Ray Data retries a batch whose actor died at most ``PREDICTOR_MAX_TASK_RETRIES`` times; after that
-the dataset stops and the images of the shards with rows in flight are isolated (``isolation.py``;
-when no shard had any row yet, the first pending one is); the shards not started go into a new
-dataset. Every stop commits at least one shard, so the loop ends.
+the dataset stops and the images of the shards with rows in flight, and of the next shards up to
+``ISOLATION_WINDOW_KEYS`` keys (at least one shard), are isolated (``isolation.py``); the shards
+after them go into a new dataset. Every stop commits at least one shard, so the loop ends.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import pyarrow as pa
 from mlc_ray.progress import ProgressLine
 from mlc_ray.tagging.commit import ShardBuffer, ShardCommitter
 from mlc_ray.tagging.config import TagConfig
-from mlc_ray.tagging.inputs import ShardStore
+from mlc_ray.tagging.inputs import Shard, ShardStore
 from mlc_ray.tagging.isolation import isolate
 from mlc_ray.tagging.parallelism import Parallelism
 from mlc_ray.tagging.predictor import Predictor, actor_death_errors
-from mlc_ray.tagging.read import read_objects
+from mlc_ray.tagging.read import read_objects, read_with_retry
 
 __all__ = ["tag_shards", "read_chunks", "READ_BLOCK_KEYS", "MAX_BLOCKS", "PREDICTOR_MAX_TASK_RETRIES"]
 
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_KEYS = 64  # keys per chunk: what one read task reads (several per task past MAX_BLOCKS)
 MAX_BLOCKS = 2_000  # input blocks of a run's dataset: bounds the driver's block metadata
+DESCRIPTOR_READ_RETRIES = 5  # a shard descriptor unread is a failed run, an image unread is one error row
+ISOLATION_WINDOW_KEYS = 50_000  # keys an isolation pass takes beyond the shards with rows in flight
 # Bounded on purpose: Ray Data's actor pools default to unlimited actor restarts *and* unlimited
 # task retries, so an input that crashes its actor's process every time (a decoder bug in a C
 # library, a model that aborts) would be retried forever and the job would never end. A batch
@@ -51,10 +53,19 @@ PREDICTOR_MAX_TASK_RETRIES = 4
 
 
 @functools.lru_cache(maxsize=4)
-def _shard_keys(state_dir: str, index: int) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
-    """A shard's keys from its descriptor; cached per worker process (a shard's chunks mostly run
-    on the same few workers one after another)."""
-    shard = ShardStore(state_dir).get(index)
+def _shard_keys(
+    state_dir: str, index: int, retries: int, deadline_s: float
+) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """A shard's keys from its descriptor, read with the tagging reads' retry policy (a throttled
+    store is retried, not fatal); cached per worker process (a shard's chunks mostly run on the same
+    few workers one after another)."""
+    store = ShardStore(state_dir)
+    data, error = read_with_retry(store.uri(index), retries, deadline_s=deadline_s)
+    if data is None:
+        raise RuntimeError(f"shard descriptor {store.uri(index)}: {error}; rerun to resume the run")
+    shard = Shard.from_json(data.decode())
+    if shard.index != index:
+        raise RuntimeError(f"{store.uri(index)}: holds shard {shard.index}, expected {index}")
     return shard.uris, shard.etags
 
 
@@ -75,7 +86,9 @@ def read_chunks(
         batch.column("_stop").to_pylist(),
         strict=True,
     ):
-        uris, etags = _shard_keys(state_dir, int(index))
+        # the run's own state, not an image: never fewer tries than DESCRIPTOR_READ_RETRIES
+        retries = max(read_retries, DESCRIPTOR_READ_RETRIES)
+        uris, etags = _shard_keys(state_dir, int(index), retries, read_deadline_s)
         keys = pa.table(
             {
                 "_shard": pa.array([index] * (stop - start), pa.int32()),
@@ -184,8 +197,17 @@ def _tag_dataset(
                 if buf.complete:
                     commit(buf)
     except actor_deaths as exc:  # a batch outlived PREDICTOR_MAX_TASK_RETRIES: isolate its images
-        if not buffers:  # no shard had rows yet: the failing batch is in the first one
-            open_buffer(min(left))
+        # the failing batch is in a shard in flight or among the next ones: isolate those with rows
+        # and the following shards up to ISOLATION_WINDOW_KEYS keys (at least one); the rest of the
+        # run goes into a new dataset
+        keys = sum(len(b.shard) for b in buffers.values())
+        for index in sorted(left):
+            if index in buffers:
+                continue
+            if buffers and keys + left[index][0] > ISOLATION_WINDOW_KEYS:
+                break
+            open_buffer(index)
+            keys += left[index][0]
         missing = {i: int((~b.seen).sum()) for i, b in buffers.items()}
         log.warning(
             "a batch's actor died %d times (%s): tagging the %d images of shards %s without rows again "

@@ -26,7 +26,7 @@ orchestrator: each stage lives in the module named for it.
    **Poison images** (``isolation.py``): a batch running longer than ``--batch-timeout-s`` makes its
    actor exit (the Predictor's watchdog thread), so a hang becomes an actor death too. When a
    batch's actor has died ``PREDICTOR_MAX_TASK_RETRIES + 1`` times, the dataset stops and
-   the images of the shards it had in flight are *isolated*: tagged again in small groups, halved on a
+   the images of the shards it had in flight (and of the next ones, up to 50,000 keys) are *isolated*: tagged again in small groups, halved on a
    death or a timeout until the image is alone; alone, it gets ``ISOLATION_ATTEMPTS`` tries, then
    its row says ``crashed: ...`` or ``timeout: ...``. The job goes on; more than
    ``ISOLATION_MAX_IMAGES`` such images in one isolation pass means the model or the machine is broken,

@@ -157,7 +157,9 @@ def test_tagging_through_throttling_proxy_every_image_once(
         counts.duplicates,
         counts.missing,
     )
-    assert stats["injected_total"] == FAIL_FIRST * len(faulty) and len(faulty) >= 5  # the faults happened
+    # the faults happened, on images and on whatever else the run read through the proxy (the read
+    # tasks load the shard descriptors from the run's state too): every one absorbed
+    assert stats["injected_total"] == FAIL_FIRST * len(set(stats["faulty_keys"])) and len(faulty) >= 5
     assert (counts.rows, counts.duplicates, counts.missing, counts.extra) == (N_IMAGES, 0, 0, 0)
     assert table.column("error").null_count == N_IMAGES  # retried to success: no error row at all
     assert summary.errors == 0 and storage.exists(f"{output}/_runs/{summary.run_id}/_SUCCESS")
