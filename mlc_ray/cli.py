@@ -67,13 +67,17 @@ def setup_logging(verbose: bool = False) -> None:
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local Ray.
 
-    Already-initialised Ray (tests, notebooks) is left as it is.
+    A local Ray starts without its dashboard (no job uses it; on a small machine it is seconds of
+    CPU per start); ``MLC_RAY_DASHBOARD=1`` keeps it. Already-initialised Ray (tests, notebooks) is
+    left as it is.
     """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address and os.environ.get("MLC_RAY_DASHBOARD", "") not in ("1", "true"):
+        kwargs.setdefault("include_dashboard", False)
     from mlc_ray.progress import plain_console
 
     plain_console()  # no colour codes in logs that are not a terminal (ray job logs, cron, CI)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from datetime import UTC, datetime
 
@@ -228,13 +227,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     first_rows: list[float] = []
     pool_start_s = 0.0
     if pending:
-        # a local embedded Ray (no RAY_ADDRESS) starts without its dashboard: the job does not use
-        # it and on a small machine it is seconds of the run's fixed cost (MLC_RAY_DASHBOARD=1 keeps it)
-        local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-        if local and os.environ.get("MLC_RAY_DASHBOARD", "") not in ("1", "true"):
-            init_ray(include_dashboard=False)
-        else:
-            init_ray()
+        init_ray()  # a local embedded Ray starts without its dashboard (MLC_RAY_DASHBOARD=1 keeps it)
         quiet_ray_progress()
         resources = ray.cluster_resources()
         par = choose_parallelism(
