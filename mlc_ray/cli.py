@@ -76,7 +76,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address and os.environ.get("MLC_RAY_DASHBOARD", "") not in ("1", "true"):
+    if address in (None, "", "local") and os.environ.get("MLC_RAY_DASHBOARD", "") not in ("1", "true"):
         kwargs.setdefault("include_dashboard", False)
     from mlc_ray.progress import plain_console
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from mlc_ray import cli
 from mlc_ray.cli import init_ray
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
@@ -20,6 +21,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     import ray
 
     seen: list[dict[str, Any]] = []
+    # init_ray records that it started a local Ray (run_job stops it): restored after the test
+    monkeypatch.setattr(cli, "_STARTED_LOCAL_RAY", False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append(kwargs))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -30,6 +33,11 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 def test_local_ray_starts_without_dashboard(calls) -> None:
     init_ray()
     assert calls == [{"address": None, "log_to_driver": True, "include_dashboard": False}]
+
+
+def test_an_explicit_local_ray_too(calls) -> None:
+    init_ray("local")
+    assert calls == [{"address": "local", "log_to_driver": True, "include_dashboard": False}]
 
 
 @pytest.mark.parametrize("value", ["1", "true"])
