@@ -6,7 +6,7 @@ The resume test's architecture (``mobilenet_v1``) trains on Ray Train's worker a
 run does; the other architectures run the same ``main()`` with Ray Train's local mode (the worker
 loop in this process, ``ScalingConfig(num_workers=0)``): everything that depends on the
 architecture (config resolution, model build, the loop's training and validation, the bundle) runs
-as in a real job, and the ~6 Ray Train actor processes a run starts (~25 CPU-s on 2 CPUs) do not.
+as in a real job, and the ~6 Ray Train actor processes a run starts (~30 CPU-s on 2 CPUs) do not.
 """
 
 from __future__ import annotations
