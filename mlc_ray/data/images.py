@@ -316,18 +316,16 @@ class AugmentConfig:
 
 @dataclass
 class TrainAugment:
-    """uint8 HWC -> (S, S, 3) uint8: random resized crop, horizontal flip, colour jitter (brightness,
-    contrast, saturation), small affine. Deterministic for a given seed (or pass ``rng`` per call).
+    """uint8 HWC -> (S, S, 3) uint8 through ``torchvision.transforms.v2``: random resized crop (a plain
+    ``Resize`` when ``crop_scale`` is (1, 1), so the small-image default only shifts), horizontal flip,
+    small affine (bilinear, ``fill`` outside; v2 shifts by whole pixels), colour jitter (brightness,
+    contrast, saturation, in v2's random order). Deterministic for a given seed (or pass ``rng`` per
+    call); torch's global generator is left as it was.
 
-    Not (yet) ``torchvision.transforms.v2``: measured per image on one thread (``benchmarks/augment.py``,
-    BENCHMARKS.md "Augmentation: PIL vs torchvision.transforms.v2"), the same Compose on a PIL image
-    costs what this does (0.46 vs 0.46 ms at 64 px, 4.5 vs 4.7 ms for 640x480 -> 224, 13.7 vs 14.5 ms
-    for 1920x1080 -> 224) and on a uint8 tensor it is slower at 64 px (0.75 ms) though 2x faster for
-    1920x1080. So v2 meets the "no slower" bar on PIL images; it is not switched in yet because v2
-    samples differently (whole-pixel affine shifts, its own crop draw, torch's global generator, which
-    needs ``fork_rng`` per image to stay seedable), and the recipe's measured figures
-    (``benchmarks/quality.py``, the README's demo numbers) describe this implementation: the switch
-    belongs with a re-measurement of both."""
+    The random resized crop runs on the uint8 tensor (torch's antialiased resize is several times
+    cheaper than Pillow's from a large decode), the rest on a PIL image (Pillow's affine and
+    enhancers are cheaper than v2's tensor kernels at these sizes): measured per image on one thread,
+    ``benchmarks/augment.py``, BENCHMARKS.md "Augmentation: PIL vs torchvision.transforms.v2"."""
 
     cfg: PreprocessConfig
     seed: int | None = None
@@ -335,65 +333,61 @@ class TrainAugment:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+        self._crop, self._rest = _v2_pipeline(self.cfg, self.augment)
 
     def __call__(self, array: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        import torch
+
         _check_hwc(array)
         rng = self.rng if rng is None else rng
-        a, s = self.augment, self.cfg.image_size
-        interp = INTERPOLATIONS[self.cfg.interpolation]
-        im = Image.fromarray(array, "RGB")
-        # [1] random resized crop straight to S x S (one resample)
-        im = im.resize((s, s), interp, box=self._crop_box(array.shape[1], array.shape[0], rng))
-        # [2] flip
-        if rng.random() < a.hflip:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        # [3] small affine around the centre
-        if a.degrees > 0 or a.translate > 0 or a.scale != (1.0, 1.0):
-            angle = math.radians(rng.uniform(-a.degrees, a.degrees))
-            zoom = rng.uniform(*a.scale)
-            tx, ty = rng.uniform(-a.translate, a.translate, size=2) * s
-            im = im.transform(
-                (s, s),
-                Image.Transform.AFFINE,
-                _inverse_affine(angle, zoom, tx, ty, s),
-                interp,
-                fill=1,
-                fillcolor=a.fill,
+        seed = int(rng.integers(0, 2**63 - 1))
+        # v2 draws from torch's default generator: run on a state seeded from ``rng``, then put the
+        # caller's state back (what ``torch.random.fork_rng`` does, without its ``torch.manual_seed``,
+        # which costs more than a small image's whole augmentation)
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            if self._crop is not None:  # HWC uint8 -> CHW tensor view (copy only a read-only array)
+                chw = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)
+                array = self._crop(chw).permute(1, 2, 0).numpy()
+            image = Image.fromarray(np.ascontiguousarray(array), "RGB")
+            return np.array(self._rest(image), dtype=np.uint8)
+        finally:
+            generator.set_state(saved)
+
+
+def _v2_pipeline(cfg: PreprocessConfig, a: AugmentConfig) -> tuple[Any, Any]:
+    """``TrainAugment``'s v2 steps: (the random resized crop, on tensors, or None when ``crop_scale``
+    is (1, 1)), (the ``Compose`` of the rest, on PIL images). A step a setting switches off is left out."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    s = cfg.image_size
+    interp = {"bilinear": InterpolationMode.BILINEAR}[cfg.interpolation]
+    crop = None
+    steps: list[Any] = []
+    if tuple(a.crop_scale) == (1.0, 1.0):  # the whole image: no crop draw, no aspect fallback crop
+        steps.append(v2.Resize((s, s), interpolation=interp, antialias=True))
+    else:
+        crop = v2.RandomResizedCrop(
+            (s, s), scale=a.crop_scale, ratio=a.crop_ratio, interpolation=interp, antialias=True
+        )
+    if a.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(a.hflip))
+    shift = round(a.translate * s)
+    if a.degrees == 0 and tuple(a.scale) == (1.0, 1.0):
+        if shift > 0:  # shifts only: pad + crop, the whole-pixel shifts RandomAffine draws, 5x cheaper
+            steps.append(v2.RandomCrop((s, s), padding=shift, fill=tuple(a.fill)))
+    else:
+        steps.append(
+            v2.RandomAffine(
+                degrees=a.degrees,
+                translate=(a.translate, a.translate) if a.translate > 0 else None,
+                scale=a.scale if tuple(a.scale) != (1.0, 1.0) else None,
+                interpolation=interp,
+                fill=tuple(a.fill),
             )
-        out = np.asarray(im, dtype=np.float32)
-        # [4] colour jitter on float pixels
-        if a.brightness > 0:
-            out = out * rng.uniform(1 - a.brightness, 1 + a.brightness)
-        if a.contrast > 0:
-            gray_mean = float((out @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean())
-            out = (out - gray_mean) * rng.uniform(1 - a.contrast, 1 + a.contrast) + gray_mean
-        if a.saturation > 0:
-            gray = (out @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
-            out = (out - gray) * rng.uniform(1 - a.saturation, 1 + a.saturation) + gray
-        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-    def _crop_box(
-        self, width: int, height: int, rng: np.random.Generator
-    ) -> tuple[float, float, float, float]:
-        area = width * height
-        lo, hi = self.augment.crop_ratio
-        for _ in range(10):
-            target = area * rng.uniform(*self.augment.crop_scale)
-            ratio = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-            w = math.sqrt(target * ratio)
-            h = math.sqrt(target / ratio)
-            if w <= width and h <= height:
-                x = rng.uniform(0, width - w)
-                y = rng.uniform(0, height - h)
-                return (x, y, x + w, y + h)
-        return (0.0, 0.0, float(width), float(height))  # fall back to the whole image
-
-
-def _inverse_affine(angle: float, zoom: float, tx: float, ty: float, size: int) -> tuple[float, ...]:
-    """PIL's AFFINE maps output -> input; invert rotate(angle)*zoom about the centre, then shift."""
-    c = size / 2.0
-    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-    # input = R^-1 (output - c - t) + c
-    a, b, d, e = cos, sin, -sin, cos
-    ox, oy = -c - tx, -c - ty
-    return (a, b, a * ox + b * oy + c, d, e, d * ox + e * oy + c)
+        )
+    if a.brightness > 0 or a.contrast > 0 or a.saturation > 0:
+        steps.append(v2.ColorJitter(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation))
+    return crop, v2.Compose(steps or [v2.Identity()])

@@ -262,6 +262,137 @@ def test_train_augment_flip_changes_orientation() -> None:
     np.testing.assert_array_equal(TrainAugment(cfg, seed=0, augment=always)(array), array[:, ::-1])
 
 
+_OFF = {
+    "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0, "brightness": 0.0, "contrast": 0.0,
+    "saturation": 0.0, "degrees": 0.0, "translate": 0.0, "scale": (1.0, 1.0),
+}  # fmt: skip
+
+
+def _only(**settings) -> AugmentConfig:
+    """Every random step off except ``settings``."""
+    return AugmentConfig(**{**_OFF, **settings})
+
+
+def _smooth(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth colourful image (a bilinear blow-up of random pixels): no two shifts of it agree."""
+    small = np.random.default_rng(seed).integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small, "RGB").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def test_train_augment_output_contract_on_any_input() -> None:
+    for image_size, (h, w) in ((48, (70, 90)), (32, (300, 20)), (64, (64, 64)), (64, (16, 16))):
+        cfg = PreprocessConfig(image_size=image_size)
+        for augment in (AugmentConfig(), _only()):
+            out = TrainAugment(cfg, seed=0, augment=augment)(_smooth(h, w))
+            assert out.shape == (image_size, image_size, 3) and out.dtype == np.uint8
+            assert out.flags.c_contiguous and out.flags.writeable
+    frozen = _smooth(40, 50)
+    frozen.setflags(write=False)  # a read-only decode is augmented, not written to
+    assert TrainAugment(PreprocessConfig(image_size=32), seed=0)(frozen).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        TrainAugment(PreprocessConfig(image_size=32))(frozen.astype(np.float32))
+
+
+def test_train_augment_seed_is_its_own_and_leaves_torch_alone() -> None:
+    import torch
+
+    cfg = PreprocessConfig(image_size=48)
+    array = _smooth(70, 90)
+    torch.manual_seed(1)
+    first = [TrainAugment(cfg, seed=3)(array) for _ in range(2)]
+    torch.manual_seed(2)  # another global torch state: the same augmentations
+    before = torch.get_rng_state()
+    again = TrainAugment(cfg, seed=3)
+    out = again(array)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is untouched
+    np.testing.assert_array_equal(out, first[0])
+    np.testing.assert_array_equal(first[0], first[1])
+    assert not np.array_equal(again(array), out)  # the next call draws afresh
+
+
+def test_train_augment_hflip_probability_is_honoured() -> None:
+    cfg = PreprocessConfig(image_size=32)
+    array = _smooth(32, 32)
+    never = TrainAugment(cfg, seed=0, augment=_only(hflip=0.0))
+    always = TrainAugment(cfg, seed=0, augment=_only(hflip=1.0))
+    half = TrainAugment(cfg, seed=0, augment=_only(hflip=0.5))
+    for _ in range(20):
+        np.testing.assert_array_equal(never(array), array)
+        np.testing.assert_array_equal(always(array), array[:, ::-1])
+    flipped = [np.array_equal(half(array), array[:, ::-1]) for _ in range(40)]
+    assert 8 <= sum(flipped) <= 32  # both orientations, about half each
+
+
+def _shift_of(
+    out: np.ndarray, base: np.ndarray, fill: tuple[int, int, int], reach: int
+) -> tuple[int, int] | None:
+    """The whole-pixel (dx, dy) that turns ``base`` into ``out`` with ``fill`` uncovered, or None."""
+    size = base.shape[0]
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            shifted = np.empty_like(base)
+            shifted[:] = fill
+            shifted[max(dy, 0) : size + min(dy, 0), max(dx, 0) : size + min(dx, 0)] = base[
+                max(-dy, 0) : size + min(-dy, 0), max(-dx, 0) : size + min(-dx, 0)
+            ]
+            if np.array_equal(shifted, out):
+                return dx, dy
+    return None
+
+
+def test_small_image_default_only_shifts_the_whole_resized_image() -> None:
+    import dataclasses
+
+    from mlc_ray.train.config import small_image_augment
+
+    augment = dataclasses.replace(small_image_augment(), hflip=0.0)
+    cfg = PreprocessConfig(image_size=64)
+    array = _smooth(48, 80)  # not square: a crop (even a fallback centre crop) would cut the sides off
+    base = preprocess_eval(array, cfg)  # the plain resize of the whole image
+    transform = TrainAugment(cfg, seed=0, augment=augment)
+    shifts = set()
+    for _ in range(30):
+        shift = _shift_of(transform(array), base, augment.fill, reach=3)
+        assert shift is not None  # a whole-pixel shift of the resize, nothing resampled or jittered
+        assert max(abs(shift[0]), abs(shift[1])) <= round(augment.translate * 64)  # +-2 px at 64
+        shifts.add(shift)
+    assert len(shifts) >= 8  # shifts in both directions on both axes
+    assert {dx for dx, _ in shifts} >= {-1, 1} and {dy for _, dy in shifts} >= {-1, 1}
+
+
+def test_train_augment_crop_rotation_and_jitter_settings_are_honoured() -> None:
+    cfg = PreprocessConfig(image_size=48)
+    array = _smooth(48, 48)
+    fill = np.array(AugmentConfig().fill, dtype=np.uint8)
+
+    def draws(**settings) -> list[np.ndarray]:
+        transform = TrainAugment(cfg, seed=0, augment=_only(**settings))
+        return [transform(array) for _ in range(8)]
+
+    for out in draws():
+        np.testing.assert_array_equal(out, array)
+    # a random resized crop of a quarter of the area zooms in: never the whole image
+    for out in draws(crop_scale=(0.25, 0.25)):
+        assert np.abs(out.astype(int) - array).mean() > 5
+    # rotation uncovers the corners (fill colour) unless the angle is ~0
+    rotated = draws(degrees=40.0)
+    assert all(not np.array_equal(out, array) for out in rotated)
+    assert sum(np.array_equal(out[0, 0], fill) or np.array_equal(out[-1, -1], fill) for out in rotated) >= 4
+    # brightness scales the mean by a factor within [1 - b, 1 + b], a different one per draw
+    ratios = [out.astype(float).mean() / array.astype(float).mean() for out in draws(brightness=0.5)]
+    assert all(0.45 <= r <= 1.55 for r in ratios) and max(ratios) - min(ratios) > 0.1
+    # contrast scales the spread around the mean
+    spreads = [out.astype(float).std() / array.astype(float).std() for out in draws(contrast=0.5)]
+    assert max(spreads) - min(spreads) > 0.1
+
+    # saturation scales each pixel's distance from its grey
+    def colourfulness(x: np.ndarray) -> float:
+        return float((x.astype(float) - x.astype(float).mean(axis=2, keepdims=True)).std())
+
+    chroma = [colourfulness(out) / colourfulness(array) for out in draws(saturation=0.5)]
+    assert max(chroma) - min(chroma) > 0.1
+
+
 def test_normalize_imagenet_matches_the_formula() -> None:
     cfg = PreprocessConfig(image_size=8)
     batch = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
