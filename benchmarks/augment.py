@@ -1,5 +1,5 @@
-"""Per-image cost of the training augmentation: ``TrainAugment`` (torchvision.transforms.v2 on PIL
-images) vs the hand-written PIL + numpy version it replaced, and v2 on uint8 tensors.
+"""Per-image cost of the training augmentation: ``TrainAugment`` (torchvision.transforms.v2) vs the
+hand-written PIL + numpy version it replaced, and its v2 ``Compose`` on either input type.
 
     .venv/bin/python benchmarks/augment.py [--images 200] [--repeats 3] [--out augment.json]
 
@@ -9,16 +9,19 @@ Every variant does the same work per image with the same ``AugmentConfig``:
   box resize for the crop, PIL flip and affine, jitter on float32 pixels); kept here as the
   reference, not in the library;
 * ``new``: ``mlc_ray.data.images.TrainAugment`` (what ``train/data.py`` runs in its decode tasks):
-  the v2 ``Compose`` on a ``PIL.Image``, seeded per call inside ``torch.random.fork_rng``;
-* ``v2_tensor``: the same ``Compose`` on a uint8 CHW tensor (``torch.from_numpy(hwc).permute(2, 0,
-  1)``), back to HWC numpy, no ``fork_rng`` (the input type ``TrainAugment`` could have chosen).
+  its v2 ``Compose`` on a uint8 tensor (recipes with a random resized crop) or a PIL image (the
+  whole-image recipe), seeded per call on torch's default generator, whose state is put back;
+* ``v2_tensor`` / ``v2_pil``: the same ``Compose`` on a uint8 CHW tensor
+  (``torch.from_numpy(hwc).permute(2, 0, 1)``, back to HWC numpy) / on a ``PIL.Image``, without
+  the seeding: the two input types ``TrainAugment`` chooses between.
 
 Inputs: decoded RGB arrays as the decode tasks hand them over, smooth random content: a 640x480
 photo to 224 px (full decode), 320x240 to 224 px (the same photo after the ``draft`` decode, which
 stops at the smallest DCT scale not below the model size), 1920x1080 to 224 px, and a 64x64 image
 to 64 px, once with the photo recipe (``AugmentConfig()``) and once with ``small_image_augment()``
 (what a 64 px config gets by default). One thread (``torch.set_num_threads(1)``: a Ray Data decode
-task is one CPU). Prints per-image milliseconds, the median of ``--repeats`` passes.
+task is one CPU). Prints per-image milliseconds, the median of ``--repeats`` passes (interleaved: each repeat
+times every variant once).
 """
 
 from __future__ import annotations
@@ -104,7 +107,6 @@ def _time(fn, arrays: list[np.ndarray]) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
-    from torchvision.transforms import v2
 
     from mlc_ray.data.images import AugmentConfig, PreprocessConfig, TrainAugment, _v2_pipeline
     from mlc_ray.train.config import small_image_augment
@@ -131,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PreprocessConfig(image_size=size)
         old = LegacyAugment(cfg, seed=0, augment=a)
         new = TrainAugment(cfg, seed=0, augment=a)
-        crop, rest = _v2_pipeline(cfg, a)
-        steps = v2.Compose([crop, *rest.transforms] if crop is not None else rest.transforms)
+        steps, _ = _v2_pipeline(cfg, a)
 
         def v2_tensor(array: np.ndarray, steps=steps) -> np.ndarray:
             return steps(torch.from_numpy(array).permute(2, 0, 1)).permute(1, 2, 0).numpy()

@@ -322,10 +322,13 @@ class TrainAugment:
     contrast, saturation, in v2's random order). Deterministic for a given seed (or pass ``rng`` per
     call); torch's global generator is left as it was.
 
-    The random resized crop runs on the uint8 tensor (torch's antialiased resize is several times
-    cheaper than Pillow's from a large decode), the rest on a PIL image (Pillow's affine and
-    enhancers are cheaper than v2's tensor kernels at these sizes): measured per image on one thread,
-    ``benchmarks/augment.py``, BENCHMARKS.md "Augmentation: PIL vs torchvision.transforms.v2"."""
+    A recipe with a random resized crop runs on the uint8 CHW tensor; the whole-image recipe (resize,
+    flip, whole-pixel shifts) on a PIL image, so its pixels are ``preprocess_eval``'s, shifted.
+    Measured per image on one thread (``benchmarks/augment.py``, BENCHMARKS.md "Augmentation: PIL vs
+    torchvision.transforms.v2") against the hand-written PIL + numpy version this replaced: no slower
+    for the defaults (the photo recipe at 224 px: 0.8-0.9x on 640x480 and draft-size decodes, 0.3x on
+    1920x1080; the small-image recipe at 64 px: 0.6x); the photo recipe at 64 px, which no default
+    uses, costs about 0.2 ms more (2x; v2's fixed per-step cost on a tiny image)."""
 
     cfg: PreprocessConfig
     seed: int | None = None
@@ -333,7 +336,7 @@ class TrainAugment:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
-        self._crop, self._rest = _v2_pipeline(self.cfg, self.augment)
+        self._pipeline, self._on_tensor = _v2_pipeline(self.cfg, self.augment)
 
     def __call__(self, array: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         import torch
@@ -348,30 +351,30 @@ class TrainAugment:
         saved = generator.get_state()
         generator.manual_seed(seed)
         try:
-            if self._crop is not None:  # HWC uint8 -> CHW tensor view (copy only a read-only array)
+            if self._on_tensor:  # HWC uint8 -> CHW tensor view (a read-only array is copied first)
                 chw = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)
-                array = self._crop(chw).permute(1, 2, 0).numpy()
-            image = Image.fromarray(np.ascontiguousarray(array), "RGB")
-            return np.array(self._rest(image), dtype=np.uint8)
+                return np.ascontiguousarray(self._pipeline(chw).permute(1, 2, 0).numpy())
+            return np.array(self._pipeline(Image.fromarray(array, "RGB")), dtype=np.uint8)
         finally:
             generator.set_state(saved)
 
 
-def _v2_pipeline(cfg: PreprocessConfig, a: AugmentConfig) -> tuple[Any, Any]:
-    """``TrainAugment``'s v2 steps: (the random resized crop, on tensors, or None when ``crop_scale``
-    is (1, 1)), (the ``Compose`` of the rest, on PIL images). A step a setting switches off is left out."""
+def _v2_pipeline(cfg: PreprocessConfig, a: AugmentConfig) -> tuple[Any, bool]:
+    """``TrainAugment``'s ``v2.Compose`` and whether it runs on tensors (a random resized crop) or PIL
+    images (the whole-image resize). A step a setting switches off is left out."""
     from torchvision.transforms import InterpolationMode, v2
 
     s = cfg.image_size
     interp = {"bilinear": InterpolationMode.BILINEAR}[cfg.interpolation]
-    crop = None
-    steps: list[Any] = []
-    if tuple(a.crop_scale) == (1.0, 1.0):  # the whole image: no crop draw, no aspect fallback crop
-        steps.append(v2.Resize((s, s), interpolation=interp, antialias=True))
+    whole = tuple(a.crop_scale) == (1.0, 1.0)  # the whole image: no crop draw, no aspect fallback crop
+    if whole:
+        steps: list[Any] = [v2.Resize((s, s), interpolation=interp, antialias=True)]
     else:
-        crop = v2.RandomResizedCrop(
-            (s, s), scale=a.crop_scale, ratio=a.crop_ratio, interpolation=interp, antialias=True
-        )
+        steps = [
+            v2.RandomResizedCrop(
+                (s, s), scale=a.crop_scale, ratio=a.crop_ratio, interpolation=interp, antialias=True
+            )
+        ]
     if a.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(a.hflip))
     shift = round(a.translate * s)
@@ -390,4 +393,4 @@ def _v2_pipeline(cfg: PreprocessConfig, a: AugmentConfig) -> tuple[Any, Any]:
         )
     if a.brightness > 0 or a.contrast > 0 or a.saturation > 0:
         steps.append(v2.ColorJitter(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation))
-    return crop, v2.Compose(steps or [v2.Identity()])
+    return v2.Compose(steps), not whole

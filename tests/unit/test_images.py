@@ -276,10 +276,12 @@ def _only(**settings) -> AugmentConfig:
 def _smooth(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A smooth colourful image (a bilinear blow-up of random pixels): no two shifts of it agree."""
     small = np.random.default_rng(seed).integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small, "RGB").resize((width, height), Image.Resampling.BILINEAR))
+    return np.array(Image.fromarray(small, "RGB").resize((width, height), Image.Resampling.BILINEAR))
 
 
-def test_train_augment_output_contract_on_any_input() -> None:
+def test_train_augment_output_contract_on_any_input(monkeypatch) -> None:
+    import torch
+
     for image_size, (h, w) in ((48, (70, 90)), (32, (300, 20)), (64, (64, 64)), (64, (16, 16))):
         cfg = PreprocessConfig(image_size=image_size)
         for augment in (AugmentConfig(), _only()):
@@ -287,7 +289,14 @@ def test_train_augment_output_contract_on_any_input() -> None:
             assert out.shape == (image_size, image_size, 3) and out.dtype == np.uint8
             assert out.flags.c_contiguous and out.flags.writeable
     frozen = _smooth(40, 50)
-    frozen.setflags(write=False)  # a read-only decode is augmented, not written to
+    frozen.setflags(write=False)  # a read-only decode is augmented, never wrapped by a tensor
+    from_numpy = torch.from_numpy
+
+    def writable_only(array: np.ndarray):  # torch does not support tensors over read-only memory
+        assert array.flags.writeable
+        return from_numpy(array)
+
+    monkeypatch.setattr(torch, "from_numpy", writable_only)
     assert TrainAugment(PreprocessConfig(image_size=32), seed=0)(frozen).shape == (32, 32, 3)
     with pytest.raises(ValueError, match="uint8"):
         TrainAugment(PreprocessConfig(image_size=32))(frozen.astype(np.float32))
