@@ -353,18 +353,21 @@ class TrainAugment:
         try:
             if self._on_tensor:  # HWC uint8 -> CHW tensor view (a read-only array is copied first)
                 chw = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)
-                return np.ascontiguousarray(self._pipeline(chw).permute(1, 2, 0).numpy())
+                return self._pipeline(chw).permute(1, 2, 0).contiguous().numpy()
             return np.array(self._pipeline(Image.fromarray(array, "RGB")), dtype=np.uint8)
         finally:
             generator.set_state(saved)
 
 
 def _v2_pipeline(cfg: PreprocessConfig, a: AugmentConfig) -> tuple[Any, bool]:
-    """``TrainAugment``'s ``v2.Compose`` and whether it runs on tensors (a random resized crop) or PIL
-    images (the whole-image resize). A step a setting switches off is left out."""
+    """``TrainAugment``'s ``v2.Compose`` and whether it runs on tensors (a random resized crop; the
+    steps after it on float32 0..1) or PIL images (the whole-image resize). A step a setting switches
+    off is left out."""
+    import torch
     from torchvision.transforms import InterpolationMode, v2
 
     s = cfg.image_size
+    jitter = a.brightness > 0 or a.contrast > 0 or a.saturation > 0
     interp = {"bilinear": InterpolationMode.BILINEAR}[cfg.interpolation]
     whole = tuple(a.crop_scale) == (1.0, 1.0)  # the whole image: no crop draw, no aspect fallback crop
     if whole:
@@ -375,12 +378,16 @@ def _v2_pipeline(cfg: PreprocessConfig, a: AugmentConfig) -> tuple[Any, bool]:
                 (s, s), scale=a.crop_scale, ratio=a.crop_ratio, interpolation=interp, antialias=True
             )
         ]
+    on_float = not whole and (a.degrees > 0 or a.translate > 0 or tuple(a.scale) != (1.0, 1.0) or jitter)
+    if on_float:  # the affine and each jitter step would convert uint8 <-> float on their own
+        steps.append(v2.ToDtype(torch.float32, scale=True))
+    fill = tuple(f / 255 for f in a.fill) if on_float else tuple(a.fill)
     if a.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(a.hflip))
     shift = round(a.translate * s)
     if a.degrees == 0 and tuple(a.scale) == (1.0, 1.0):
         if shift > 0:  # shifts only: pad + crop, the whole-pixel shifts RandomAffine draws, 5x cheaper
-            steps.append(v2.RandomCrop((s, s), padding=shift, fill=tuple(a.fill)))
+            steps.append(v2.RandomCrop((s, s), padding=shift, fill=fill))
     else:
         steps.append(
             v2.RandomAffine(
@@ -388,9 +395,11 @@ def _v2_pipeline(cfg: PreprocessConfig, a: AugmentConfig) -> tuple[Any, bool]:
                 translate=(a.translate, a.translate) if a.translate > 0 else None,
                 scale=a.scale if tuple(a.scale) != (1.0, 1.0) else None,
                 interpolation=interp,
-                fill=tuple(a.fill),
+                fill=fill,
             )
         )
-    if a.brightness > 0 or a.contrast > 0 or a.saturation > 0:
+    if jitter:
         steps.append(v2.ColorJitter(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation))
+    if on_float:
+        steps.append(v2.ToDtype(torch.uint8, scale=True))
     return v2.Compose(steps), not whole

@@ -387,6 +387,13 @@ def test_train_augment_crop_rotation_and_jitter_settings_are_honoured() -> None:
     rotated = draws(degrees=40.0)
     assert all(not np.array_equal(out, array) for out in rotated)
     assert sum(np.array_equal(out[0, 0], fill) or np.array_equal(out[-1, -1], fill) for out in rotated) >= 4
+    # the same on the tensor path (a random resized crop; float steps): fill at the corners, flat areas kept
+    flat = np.full((60, 80, 3), 200, dtype=np.uint8)
+    crop_rotate = _only(crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), degrees=40.0)
+    transform = TrainAugment(cfg, seed=0, augment=crop_rotate)
+    outs = [transform(flat) for _ in range(8)]
+    assert all(np.array_equal(out[24, 24], [200, 200, 200]) for out in outs)
+    assert sum(np.abs(out[0, 0].astype(int) - fill).max() <= 1 for out in outs) >= 4
     # brightness scales the mean by a factor within [1 - b, 1 + b], a different one per draw
     ratios = [out.astype(float).mean() / array.astype(float).mean() for out in draws(brightness=0.5)]
     assert all(0.45 <= r <= 1.55 for r in ratios) and max(ratios) - min(ratios) > 0.1
