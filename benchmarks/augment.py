@@ -13,7 +13,8 @@ Every variant does the same work per image with the same ``AugmentConfig``:
   whole-image recipe), seeded per call on torch's default generator, whose state is put back;
 * ``v2_tensor`` / ``v2_pil``: the same ``Compose`` on a uint8 CHW tensor
   (``torch.from_numpy(hwc).permute(2, 0, 1)``, back to HWC numpy) / on a ``PIL.Image``, without
-  the seeding: the two input types ``TrainAugment`` chooses between.
+  the seeding: the two input types ``TrainAugment`` chooses between (on PIL the ``ToDtype`` steps of
+  the photo recipe pass the image through and its fill is off-colour; the cost is what it measures).
 
 Inputs: decoded RGB arrays as the decode tasks hand them over, smooth random content: a 640x480
 photo to 224 px (full decode), 320x240 to 224 px (the same photo after the ``draft`` decode, which

@@ -15,6 +15,10 @@ training decodes with before augmenting; ``prepare_image`` / ``read_and_prepare`
 ``preprocess_eval`` or ``ten_crop``) is what validation, calibration, 10-crop scoring, the export
 parity checks and the int8 gate, promotion, the pyfunc model and bulk tagging feed the model. So the
 thresholds fitted on validation scores were fitted on the pixels tagging produces.
+
+Training augmentation (``TrainAugment``) goes through ``torchvision.transforms.v2``: measured no
+slower per image than the hand-written PIL + numpy version it replaced for every default recipe
+(BENCHMARKS.md "Augmentation: PIL vs torchvision.transforms.v2").
 """
 
 from __future__ import annotations
@@ -324,11 +328,11 @@ class TrainAugment:
 
     A recipe with a random resized crop runs on the uint8 CHW tensor; the whole-image recipe (resize,
     flip, whole-pixel shifts) on a PIL image, so its pixels are ``preprocess_eval``'s, shifted.
-    Measured per image on one thread (``benchmarks/augment.py``, BENCHMARKS.md "Augmentation: PIL vs
-    torchvision.transforms.v2") against the hand-written PIL + numpy version this replaced: no slower
-    for the defaults (the photo recipe at 224 px: 0.8-0.9x on 640x480 and draft-size decodes, 0.3x on
-    1920x1080; the small-image recipe at 64 px: 0.6x); the photo recipe at 64 px, which no default
-    uses, costs about 0.2 ms more (2x; v2's fixed per-step cost on a tiny image)."""
+    Measured per image on one thread against the hand-written PIL + numpy version this replaced
+    (``benchmarks/augment.py``, BENCHMARKS.md "Augmentation: PIL vs torchvision.transforms.v2",
+    2026-12-02): no slower for every default (photo recipe at 224 px: 0.83x from 640x480, 1.0x
+    from a draft-size 320x240, 0.4x from 1920x1080; small-image recipe at 64 px: 0.67x); the photo
+    recipe at 64 px, which no default uses, costs ~0.5 ms more (2.5x: v2's fixed per-step cost)."""
 
     cfg: PreprocessConfig
     seed: int | None = None
