@@ -7,11 +7,13 @@ workers importing torch): a serial run left the 2-CPU machine about half idle du
 (52 % busy over 30 s). So two pytest processes run at once, each with its own S3 server, MLflow and
 local Ray clusters (on 2 CPUs the gain is small: both shards keep the CPUs busy; see README "Tests"):
 
-* shard ``integration``: ``tests/integration`` but the per-model defaults;
+* shard ``integration``: ``tests/integration`` but the per-model defaults and the mining pipeline;
 * shard ``chaos+unit``: ``tests/chaos``, ``tests/unit``, then ``tests/integration/test_train_defaults.py``
+  and ``tests/integration/test_mining_pipeline.py``
   (so the two take about as long: measured 2026-12-01, 14.5 and 19.3 min before the mining pipeline
   and the per-model defaults moved to the second shard; the mining pipeline came back to the first
-  when the MLflow auth module went from ~5 to ~1 min, 2026-12-02, an estimate from module runs).
+  when the MLflow auth module went from ~5 to ~1 min, 2026-12-02, an estimate from module runs; it
+  went to the second shard again when the per-model defaults went from 6 Ray Train runs to 1).
 
 Nothing is shared between them: every Ray a test starts is ``address="local"`` (or has its own
 temp dir), every server its own free port, and the chaos tests only touch processes descended from
@@ -34,10 +36,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The longest integration module runs in the other shard so that the two take about as long.
-TRAIN_DEFAULTS = "tests/integration/test_train_defaults.py"  # one training run per registered model
+TRAIN_DEFAULTS = "tests/integration/test_train_defaults.py"  # every registered model's defaults
+MINING = "tests/integration/test_mining_pipeline.py"  # three Ray Train runs (~3 min on 2 CPUs)
 SHARDS = {
-    "integration": ["tests/integration", f"--ignore={TRAIN_DEFAULTS}"],
-    "chaos+unit": ["tests/chaos", "tests/unit", TRAIN_DEFAULTS],
+    "integration": ["tests/integration", f"--ignore={TRAIN_DEFAULTS}", f"--ignore={MINING}"],
+    "chaos+unit": ["tests/chaos", "tests/unit", TRAIN_DEFAULTS, MINING],
 }
 
 
