@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from mlc_ray.errors import UserError
 
 EVIDENCE_DIR = "evidence"  # run artifact folder of the evaluation data and the training-image list
@@ -84,6 +82,7 @@ def log_evidence(evidence: TrainingEvidence, run_id: str, tmp: Path) -> dict[str
 def fetch_evidence_file(uri: str, dst: Path) -> str:
     """A ``runs:/RUN/evidence/FILE`` artifact downloaded into ``dst`` (any other URI is returned as is)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if not uri.startswith("runs:/"):
         return uri

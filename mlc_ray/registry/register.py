@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from mlc_ray import bundle as bundle_layout
 from mlc_ray.errors import UserError
 from mlc_ray.provenance import command_line as process_command_line
@@ -101,6 +99,7 @@ def _pip_requirements() -> list[str]:
 def _run_for(run_id: str | None, name: str) -> Iterator[tuple[Any, bool]]:
     """The MLflow run to log into: the training run (resumed if finished) or a new one."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     active = mlflow.active_run()
     if active is not None and (run_id is None or active.info.run_id == run_id):

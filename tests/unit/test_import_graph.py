@@ -193,3 +193,31 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones(tmp_path: Pat
         "mlc_ray.data.manifest (data and models) imports mlc_ray.registry.promotion (registry), a higher layer",
         "mlc_ray.storage (foundation) imports mlc_ray.cli (job runtime), a higher layer",
     ]
+
+
+def test_a_bundle_directory_tag_run_resolves_without_importing_mlflow(tmp_path: Path) -> None:
+    """mlflow's import is ~0.7 s of a tagging run's fixed cost: the registry package and the tagging
+    pipeline import it only in the functions that use it, so resolving a bundle directory never does."""
+    import json
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.onnx").write_bytes(b"not parsed by resolve")
+    for name in ("labels.json", "preprocess.json", "thresholds.json"):
+        (bundle / name).write_text(json.dumps(["a", "b"]) if name == "labels.json" else "{}")
+    script = (
+        "import sys\n"
+        "import mlc_ray.registry, mlc_ray.tagging.pipeline\n"
+        "from mlc_ray.tagging.config import TagConfig\n"
+        "from mlc_ray.tagging.resolve import resolve\n"
+        f"model = resolve(TagConfig(model={str(bundle)!r}, model_cache={str(tmp_path / 'cache')!r}))\n"
+        "assert model.version.startswith('bundle-'), model\n"
+        "print(sorted(m for m in sys.modules if m == 'mlflow' or m.startswith('mlflow.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE_ROOT.parent, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout[-2000:]
