@@ -265,7 +265,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         }
         committer = ShardCommitter(writer, counts_dir, report, summary)
         timings.lap("Ray start")
-        started, seen = time.monotonic(), len(first_rows)
+        started = time.monotonic()
         pending_keys = {
             i: (max(0, min(shard_keys, state.n_images - i * shard_keys)), digests[i]) for i in pending
         }
@@ -279,8 +279,8 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             progress=progress,
             first_rows=first_rows,
         )
-        if len(first_rows) > seen:
-            pool_start_s += first_rows[seen] - started
+        if first_rows:  # the time to the run's first rows: actor pool start + model load
+            pool_start_s = first_rows[0] - started
         # Ray Data's per-operator timings (read tasks, Predictor actors, the driver's wait):
         # where a run's time went, kept beside its state for whoever tunes the job
         for d, stats in enumerate(all_stats):
