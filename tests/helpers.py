@@ -7,7 +7,8 @@ Fixtures live in the conftest files; this module holds plain functions, classes 
 * the colour registry models: ``COLOR_LABELS``, ``GOOD``/``MEDIOCRE``/``BAD`` weights, ``build_color_bundle``,
   ``make_color_data``, ``onnx_reference``, ``MlflowServer``, ``AuthServer``, ``identity``;
 * export: ``randomise``, ``write_bundle``, ``color_images``, ``train_color_bundle``;
-* manifests: ``write_formats`` (every format of one small data set) and ``check_same_data``.
+* manifests: ``write_formats`` (every format of one small data set) and ``check_same_data``;
+* training: ``ray_train_in_process`` (Ray Train's local mode: the training loop in the test process).
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import csv
 import importlib.util
 import io
 import json
+import logging
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -571,3 +576,73 @@ def check_same_data(manifest: Manifest, root: str, *, with_splits: bool) -> None
     np.testing.assert_array_equal(manifest.multi_hot(), EXPECTED_MULTI_HOT)
     assert manifest.multi_hot().dtype == np.uint8
     assert manifest.splits == ([s for _, _, s in ROWS] if with_splits else [None] * len(ROWS))
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@dataclass
+class LocalTrainRuns:
+    """What ``ray_train_in_process`` saw: one entry per ``TorchTrainer`` built (a check that the job
+    went through it), and a copy of each checkpoint the loop reported, in report order (kept until
+    the ``with`` block ends: local mode writes nothing under ``storage_path/run_name``)."""
+
+    starts: list[int] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+@contextmanager
+def ray_train_in_process() -> Iterator[LocalTrainRuns]:
+    """``TorchTrainer`` in Ray Train's local mode while inside (``ScalingConfig(num_workers=0)``): the
+    worker loop runs in this process, with rank 0 of a world of 1, and none of the ~6 Ray Train actor
+    processes a run starts (~25-30 s on 2 CPUs). Config resolution, model build, the loop's training
+    and validation, calibration and the bundle run as in a real job; what local mode does not do is
+    Ray Train's own part: no worker processes, no storage under ``storage_path/run_name`` (so no
+    resume from an earlier run's checkpoint: ``get_checkpoint()`` starts as None), no failure
+    recovery. Real-worker training is tested in test_train.py, test_train_defaults.py (mobilenet_v1
+    and the resume test) and the chaos checkpoint test.
+
+    Local mode keeps a reported checkpoint as the object the loop handed over, and the loop deletes
+    its directory once ``ray.train.report`` returns, so each reported checkpoint is copied first
+    (what Ray Train's storage does); ``LocalTrainRuns.checkpoints`` lists the copies."""
+    import ray.train
+    import ray.train.torch
+
+    runs = LocalTrainRuns()
+    real_trainer, real_report = ray.train.torch.TorchTrainer, ray.train.report
+    kept = Path(tempfile.mkdtemp(prefix="mlc_ray-local-ckpt-"))
+
+    class LocalTorchTrainer(real_trainer):
+        def __init__(self, *args, scaling_config=None, **kwargs):
+            runs.starts.append(1)
+            super().__init__(*args, scaling_config=ray.train.ScalingConfig(num_workers=0), **kwargs)
+
+    def report(metrics, checkpoint=None, **kwargs):
+        if checkpoint is not None:
+            with checkpoint.as_directory() as src:
+                dst = kept / str(len(runs.checkpoints))
+                shutil.copytree(src, dst)
+            runs.checkpoints.append(dst)
+            checkpoint = ray.train.Checkpoint.from_directory(str(dst))
+        return real_report(metrics, checkpoint=checkpoint, **kwargs)
+
+    # Ray Data now runs its executor in this process, and Ray's console handlers write to the
+    # sys.stderr of when they were made (another test's closed capture): point them at this one's
+    handlers = [
+        h
+        for name, logger in logging.root.manager.loggerDict.items()
+        if name.split(".")[0] == "ray" and isinstance(logger, logging.Logger)
+        for h in logger.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    streams = [h.stream for h in handlers]
+    for handler in handlers:
+        handler.stream = sys.stderr  # not setStream: that flushes the closed one first
+    ray.train.torch.TorchTrainer, ray.train.report = LocalTorchTrainer, report
+    try:
+        yield runs
+    finally:
+        ray.train.torch.TorchTrainer, ray.train.report = real_trainer, real_report
+        for handler, stream in zip(handlers, streams, strict=True):
+            handler.stream = stream
+        shutil.rmtree(kept, ignore_errors=True)

@@ -3,29 +3,27 @@ defaults, and a run started again with other settings is refused (not silently r
 
 One local Ray for the module; ``jobs/train.py``'s ``main()`` runs in-process (it finds Ray started).
 The resume test's architecture (``mobilenet_v1``) trains on Ray Train's worker actors, the way every
-run does; the other architectures run the same ``main()`` with Ray Train's local mode (the worker
-loop in this process, ``ScalingConfig(num_workers=0)``): everything that depends on the
-architecture (config resolution, model build, the loop's training and validation, the bundle) runs
-as in a real job, and the ~6 Ray Train actor processes a run starts (~30 CPU-s on 2 CPUs) do not.
+run does; the other architectures run the same ``main()`` with Ray Train's local mode
+(``tests.helpers.ray_train_in_process``: the worker loop in this process,
+``ScalingConfig(num_workers=0)``): everything that depends on the architecture (config resolution,
+model build, the loop's training and validation, the bundle) runs as in a real job, and the ~6 Ray
+Train actor processes a run starts (~30 CPU-s on 2 CPUs) do not. The resume test's runs all stay on
+real workers: local mode neither writes checkpoints under ``storage_path/run_name`` nor resumes from
+them (``ray.train.get_checkpoint()`` starts as None), so a resumed run there would train afresh.
+Real-worker training is also tested in test_train.py and the chaos checkpoint test.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import logging
-import shutil
-import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from mlc_ray.data.demo import generate_demo
 from mlc_ray.models import arch_defaults, list_models
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, ray_train_in_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -72,60 +70,11 @@ class DefaultRuns:
             if name == RAY_TRAIN_ARCH:
                 code = _train_main()(self.argv(name))
             else:
-                with ray_train_in_process() as starts:
+                with ray_train_in_process() as local:
                     code = _train_main()(self.argv(name))
-                assert starts, "the job did not start a TorchTrainer"
+                assert local.starts, "the job did not start a TorchTrainer"
             self.done[name] = (code, capsys.readouterr().err)
         return self.done[name]
-
-
-@contextmanager
-def ray_train_in_process() -> Iterator[list[int]]:
-    """``TorchTrainer`` in Ray Train's local mode while inside: the worker loop runs in this
-    process. Local mode keeps a reported checkpoint as the object the loop handed over, and the
-    loop deletes its directory once ``ray.train.report`` returns, so each reported checkpoint is
-    copied first (what Ray Train's storage does). Yields the list of trainer starts it saw (a
-    check that the job went through it)."""
-    import ray.train
-    import ray.train.torch
-
-    starts: list[int] = []
-    real_trainer, real_report = ray.train.torch.TorchTrainer, ray.train.report
-    kept = Path(tempfile.mkdtemp(prefix="mlc_ray-local-ckpt-"))
-
-    class LocalTorchTrainer(real_trainer):
-        def __init__(self, *args, scaling_config=None, **kwargs):
-            starts.append(1)
-            super().__init__(*args, scaling_config=ray.train.ScalingConfig(num_workers=0), **kwargs)
-
-    def report(metrics, checkpoint=None, **kwargs):
-        if checkpoint is not None:
-            with checkpoint.as_directory() as src:
-                dst = kept / str(len(list(kept.iterdir())))
-                shutil.copytree(src, dst)
-            checkpoint = ray.train.Checkpoint.from_directory(str(dst))
-        return real_report(metrics, checkpoint=checkpoint, **kwargs)
-
-    # Ray Data now runs its executor in this process, and Ray's console handlers write to the
-    # sys.stderr of when they were made (another test's closed capture): point them at this one's
-    handlers = [
-        h
-        for name, logger in logging.root.manager.loggerDict.items()
-        if name.split(".")[0] == "ray" and isinstance(logger, logging.Logger)
-        for h in logger.handlers
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-    ]
-    streams = [h.stream for h in handlers]
-    for handler in handlers:
-        handler.stream = sys.stderr  # not setStream: that flushes the closed one first
-    ray.train.torch.TorchTrainer, ray.train.report = LocalTorchTrainer, report
-    try:
-        yield starts
-    finally:
-        ray.train.torch.TorchTrainer, ray.train.report = real_trainer, real_report
-        for handler, stream in zip(handlers, streams, strict=True):
-            handler.stream = stream
-        shutil.rmtree(kept, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
