@@ -4,6 +4,13 @@ A tiny demo set and short stages: this checks the plumbing (nested MLflow runs, 
 with its reasons, the fine-tune starting from the base weights on the same validation rows, the
 before/after report); whether mining helps on the full demo set is measured by the demo-scale run
 recorded in README.md's mining section.
+
+The three training stages (base, fine-tune, random control) run in Ray Train's local mode
+(``tests.helpers.ray_train_in_process``: the training loop in this process, no worker actors; ~25 s
+of worker start-up saved per stage on 2 CPUs): mining's plumbing is what this module tests, and each
+stage is its own run started from weights it is given, never a resume. Scoring the train split and
+the report run on the local Ray as in a job. Real-worker training is tested in test_train.py,
+test_train_defaults.py (mobilenet_v1 and the resume test) and the chaos checkpoint test.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from mlc_ray.train.config import TrainConfig
 from mlc_ray.train.job import run_train_job
 from mlc_ray.train.mining import MiningConfig
 from mlc_ray.train.runner import TrainResult
+from tests.helpers import ray_train_in_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -44,7 +52,9 @@ def mined(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Tr
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)
-        result = run_train_job(cfg)
+        with ray_train_in_process() as local:
+            result = run_train_job(cfg)
+    assert local.starts, "the job did not start a TorchTrainer"
     return result, cfg, uri
 
 
