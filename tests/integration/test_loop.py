@@ -2,6 +2,13 @@
 "label" the queue from the demo's truth -> train v2 on train + queue -> promote with --shadow ->
 tag with v2. Each stage's contract is checked (rows, manifests, aliases, audit tags), not accuracy:
 the model is the smallest that trains (MobileNet V1 x0.25 at 32 px, one epoch, 64 images).
+
+The two ``jobs/train.py`` runs train in Ray Train's local mode (``tests.helpers.ray_train_in_process``:
+the training loop in this process, no worker actors; ~25 s of worker start-up saved per run on 2
+CPUs): the stages' contracts are what this module tests, and v2 is a run of its own, not a resume.
+Tagging, promotion and the shadow comparison run on the local Ray as in the jobs. Real-worker
+training is tested in test_train.py, test_train_defaults.py (mobilenet_v1 and the resume test) and
+the chaos checkpoint test.
 """
 
 from __future__ import annotations
@@ -9,11 +16,12 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT, LocalTrainRuns, ray_train_in_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -46,8 +54,14 @@ def table_rows(root: Path) -> list[dict]:
     return pads.dataset(str(root), format="parquet", partitioning="hive").to_table().to_pylist()
 
 
+@pytest.fixture
+def local_train() -> Iterator[LocalTrainRuns]:
+    with ray_train_in_process() as local:
+        yield local
+
+
 def test_train_tag_select_label_retrain_promote_tag(
-    tmp_path: Path, mlflow_sqlite, ray_local, monkeypatch, capsys
+    tmp_path: Path, mlflow_sqlite, ray_local, monkeypatch, capsys, local_train: LocalTrainRuns
 ):
     import mlflow
     from mlflow import MlflowClient
@@ -101,6 +115,7 @@ def test_train_tag_select_label_retrain_promote_tag(
     code, out = job("train", ["--data", str(combined), *TINY, "--storage-path", runs, "--run-name", "v2",
                               "--register-as", NAME], capsys)  # fmt: skip
     assert code == 0, out[-3000:]
+    assert len(local_train.starts) == 2, "v1 and v2: one TorchTrainer each"
     v2 = client.get_model_version(NAME, "2")
     assert aliases(client)["challenger"] == "2"
     train_images = Path(
