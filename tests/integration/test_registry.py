@@ -6,6 +6,12 @@ local proxied artifact root, 127.0.0.1, a free port), shared with ``test_promote
 colour data set: label c ("red"/"green"/"blue") is present when channel c is bright, and a model
 scores label c from a weighted mix of the channel means. The weights decide how good it is, so
 promotion tests can build a better or a worse model without training one.
+
+The one test that trains (``test_trained_model_end_to_end_through_the_server``) trains in Ray Train's
+local mode (``tests.helpers.ray_train_in_process``: the training loop in this process, no worker
+actors; ~25 s of worker start-up saved on 2 CPUs): what it tests is the bundle's way through export,
+the registry, promotion and pyfunc. Real-worker training is tested in test_train.py,
+test_train_defaults.py (mobilenet_v1 and the resume test) and the chaos checkpoint test.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tests.helpers import (
     MlflowServer,
     build_color_bundle,
     onnx_reference,
+    ray_train_in_process,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -267,7 +274,9 @@ def test_trained_model_end_to_end_through_the_server(
         experiment="registry-e2e",
         register_as="trained-e2e",
     )
-    result = run_train_job(cfg)
+    with ray_train_in_process() as local:
+        result = run_train_job(cfg)
+    assert local.starts, "the job did not start a TorchTrainer"
     client = MlflowClient()
     version = client.get_model_version_by_alias("trained-e2e", "challenger")
     assert version.run_id == result.mlflow_run_id
