@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 KILL_POINTS = ("listing", "mid-shard", "commit", "after-commit")
 

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def committed_parts(output: str) -> list[str]:

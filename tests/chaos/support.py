@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT, free_port, wait_for_port
+from tests.helpers import REPO_ROOT, free_port, wait_for_port
 
 CONTROL_PATH = "/__faults__"
 MODEL_NAME = "chaos-tagger"  # the registered model of the tier (conftest.registered_model)

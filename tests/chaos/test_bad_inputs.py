@@ -27,8 +27,7 @@ from PIL import Image
 
 from mlc_ray import storage
 from tests.chaos.support import MODEL_NAME
-from tests.conftest import REPO_ROOT
-from tests.helpers import photo_jpeg, upload_images
+from tests.helpers import REPO_ROOT, photo_jpeg, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
 

@@ -25,8 +25,7 @@ import pytest
 
 from mlc_ray import storage
 from tests.chaos import support
-from tests.conftest import REPO_ROOT
-from tests.helpers import predictor_pids, read_table, upload_images
+from tests.helpers import REPO_ROOT, predictor_pids, read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 

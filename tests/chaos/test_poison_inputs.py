@@ -131,7 +131,7 @@ def test_decoder_crash_and_hang_fail_their_own_row_in_bounded_tries(
     import boto3
 
     from mlc_ray.tagging.pipeline import ISOLATION_ATTEMPTS, PREDICTOR_MAX_TASK_RETRIES
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     bucket = f"{BUCKET}-crash"
     boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=bucket)

@@ -34,8 +34,7 @@ import torch
 from mlc_ray import storage
 from tests.chaos import support
 from tests.chaos.support import MODEL_NAME
-from tests.conftest import REPO_ROOT
-from tests.helpers import read_table, upload_images
+from tests.helpers import REPO_ROOT, read_table, upload_images
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
 from tests.helpers import COLOR_LABELS as LABELS
-from tests.helpers import GOOD, MlflowServer, build_color_bundle, make_color_data
+from tests.helpers import GOOD, REPO_ROOT, MlflowServer, build_color_bundle, make_color_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
