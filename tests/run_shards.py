@@ -7,13 +7,18 @@ workers importing torch): a serial run left the 2-CPU machine about half idle du
 (52 % busy over 30 s). So two pytest processes run at once, each with its own S3 server, MLflow and
 local Ray clusters (on 2 CPUs the gain is small: both shards keep the CPUs busy; see README "Tests"):
 
-* shard ``integration``: ``tests/integration`` but the per-model defaults and the mining pipeline;
-* shard ``chaos+unit``: ``tests/chaos``, ``tests/unit``, then ``tests/integration/test_train_defaults.py``
-  and ``tests/integration/test_mining_pipeline.py``
-  (so the two take about as long: measured 2026-12-01, 14.5 and 19.3 min before the mining pipeline
-  and the per-model defaults moved to the second shard; the mining pipeline came back to the first
-  when the MLflow auth module went from ~5 to ~1 min, 2026-12-02, an estimate from module runs; it
-  went to the second shard again when the per-model defaults went from 6 Ray Train runs to 1).
+* shard ``integration``: ``tests/integration`` but the modules in ``MOVED``;
+* shard ``chaos+unit``: ``tests/chaos``, ``tests/unit``, then the per-model training defaults, the
+  mining pipeline and two tagging modules (tag identity, incremental), so the two shards take about
+  as long: measured 2026-12-02 on the 2-CPU machine (Intel Xeon, avx512_vnni), 825 and 776 s of
+  test time before the tagging-incremental module and the resume test's local-mode step (~60 s).
+  The moved tagging modules run on the chaos tier's Ray (``tests/chaos/conftest.py``) with its
+  fault proxy passing everything through: ``ray_local`` takes the Ray it finds.
+
+Each shard gets one compute thread per library (``SHARD_ENV``; a variable already set is kept):
+two shards already fill the two CPUs, and with torch's and onnxruntime's default of one thread per
+core the spare threads spin-wait on CPU the other shard needs (suite 855 s -> 830 s wall with it,
+within the machine's run-to-run noise, no module slower beyond it).
 
 Nothing is shared between them: every Ray a test starts is ``address="local"`` (or has its own
 temp dir), every server its own free port, and the chaos tests only touch processes descended from
@@ -35,13 +40,20 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The longest integration module runs in the other shard so that the two take about as long.
+# Integration modules that run in the other shard so that the two take about as long.
 TRAIN_DEFAULTS = "tests/integration/test_train_defaults.py"  # every registered model's defaults
 MINING = "tests/integration/test_mining_pipeline.py"  # three training stages (local mode: ~45 s alone)
+TAG_IDENTITY = "tests/integration/test_tag_identity.py"  # ~30 s
+TAG_INCREMENTAL = "tests/integration/test_tag_incremental.py"  # ~35 s
+MOVED = [TRAIN_DEFAULTS, MINING, TAG_IDENTITY, TAG_INCREMENTAL]
 SHARDS = {
-    "integration": ["tests/integration", f"--ignore={TRAIN_DEFAULTS}", f"--ignore={MINING}"],
-    "chaos+unit": ["tests/chaos", "tests/unit", TRAIN_DEFAULTS, MINING],
+    "integration": ["tests/integration", *(f"--ignore={m}" for m in MOVED)],
+    "chaos+unit": ["tests/chaos", "tests/unit", *MOVED],
 }
+# Two shards on 2 CPUs: each process tree gets one compute thread per library (torch/OpenMP,
+# onnxruntime sessions that take the default). With two threads each, four compute threads share
+# two cores and idle OpenMP / onnxruntime threads spin-wait on CPU the other shard needs.
+SHARD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLC_RAY_ORT_THREADS": "1"}
 
 
 def _stream(name: str, proc: subprocess.Popen, log: Path, lock: threading.Lock) -> None:
@@ -76,6 +88,7 @@ def main(argv: list[str]) -> int:
         proc = subprocess.Popen(
             [*pytest, *paths, *argv],
             cwd=REPO_ROOT,
+            env={**os.environ, **{k: v for k, v in SHARD_ENV.items() if k not in os.environ}},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -7,9 +7,11 @@ run does; the other architectures run the same ``main()`` with Ray Train's local
 (``tests.helpers.ray_train_in_process``: the worker loop in this process,
 ``ScalingConfig(num_workers=0)``): everything that depends on the architecture (config resolution,
 model build, the loop's training and validation, the bundle) runs as in a real job, and the ~6 Ray
-Train actor processes a run starts (~30 CPU-s on 2 CPUs) do not. The resume test's runs all stay on
-real workers: local mode neither writes checkpoints under ``storage_path/run_name`` nor resumes from
-them (``ray.train.get_checkpoint()`` starts as None), so a resumed run there would train afresh.
+Train actor processes a run starts (~30 CPU-s on 2 CPUs) do not. The resume test's refused run fails
+before training; its "more epochs" run only checks that the job accepts it, in local mode; its
+``--resume-changed`` run stays on real workers and must resume the first run's checkpoint: local mode
+neither writes checkpoints under ``storage_path/run_name`` nor resumes from them
+(``ray.train.get_checkpoint()`` starts as None), so a resumed run there would train afresh.
 Real-worker training is also tested in test_train.py and the chaos checkpoint test.
 """
 
@@ -121,11 +123,24 @@ def test_resume_with_changed_settings_is_refused_unless_asked(
     assert "Traceback" not in err
     assert Path(run, "model", "model.pt").stat().st_mtime_ns == first  # nothing rewritten
 
-    # resuming a finished run for more epochs is not a change of the run
-    assert main([*base, "--image-size", "32", "--epochs", "2"]) == 0, capsys.readouterr().err[-3000:]
-    capsys.readouterr()
+    # resuming a finished run for more epochs is not a change of the run: the job accepts it (the
+    # fingerprint check is the driver's, before training). It trains in Ray Train's local mode, which
+    # cannot resume (it starts from no checkpoint); the --resume-changed run below is the real resume.
+    with ray_train_in_process() as local:
+        code = main([*base, "--image-size", "32", "--epochs", "2"])
+    assert code == 0 and local.starts, capsys.readouterr().err[-3000:]
+    assert "--resume-changed" not in capsys.readouterr().err
 
     # --resume-changed resumes it anyway and records the new settings
     assert main([*base, "--image-size", "32", "--epochs", "2", "--loss", "asl", "--resume-changed"]) == 0
     saved = json.loads(Path(run, "mlc_ray_fingerprint.json").read_text())
     assert saved["loss"] == "asl" and saved["image_size"] == 32
+    # ... and it did resume: its last checkpoint records the first run's start (epoch 0) and its own
+    # start at epoch 1, from the first run's checkpoint
+    import torch
+
+    from mlc_ray.train.loop import STATE_FILE
+
+    states = sorted(Path(run).rglob(STATE_FILE), key=lambda p: p.stat().st_mtime_ns)
+    assert states, sorted(str(p) for p in Path(run).iterdir())
+    assert torch.load(states[-1], weights_only=True)["starts"] == [0, 1]
