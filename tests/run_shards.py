@@ -18,7 +18,9 @@ local Ray clusters (on 2 CPUs the gain is small: both shards keep the CPUs busy;
 Each shard gets one compute thread per library (``SHARD_ENV``; a variable already set is kept):
 two shards already fill the two CPUs, and with torch's and onnxruntime's default of one thread per
 core the spare threads spin-wait on CPU the other shard needs (suite 855 s -> 830 s wall with it,
-within the machine's run-to-run noise, no module slower beyond it).
+within the machine's run-to-run noise: the
+two-worker training fixture took 69 s in that run against 40 s in the one before, so the effect is
+not separated).
 
 Nothing is shared between them: every Ray a test starts is ``address="local"`` (or has its own
 temp dir), every server its own free port, and the chaos tests only touch processes descended from
