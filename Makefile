@@ -1,5 +1,8 @@
 # Two commands do everything on a fresh clone:  make demo  |  make test
-# Both create or refresh .venv first (re-installed only when pyproject.toml changes). --no-compile:
+# Both create or refresh .venv first (re-installed only when pyproject.toml changes). pip compiles
+# the bytecode at install: these machines set PYTHONDONTWRITEBYTECODE=1, so with --no-compile every
+# process (each Ray worker, each job) compiled torch, ray and mlflow from source on import (measured
+# 2026-12-02: venv 101 s -> 68 s, but the suite's chaos+unit shard 13 -> 26 min). --no-compile:
 # Python compiles a module's bytecode when it is first imported, so pip need not compile all of
 # torch, ray and mlflow up front (fresh venv on the 2-CPU machine, 2026-12-02: 101 s -> 68 s; the
 # first import of torch + ray + mlflow + onnxruntime + the test tools then costs ~1.3 s more, once).
