@@ -2,10 +2,7 @@
 # Both create or refresh .venv first (re-installed only when pyproject.toml changes). pip compiles
 # the bytecode at install: these machines set PYTHONDONTWRITEBYTECODE=1, so with --no-compile every
 # process (each Ray worker, each job) compiled torch, ray and mlflow from source on import (measured
-# 2026-12-02: venv 101 s -> 68 s, but the suite's chaos+unit shard 13 -> 26 min). --no-compile:
-# Python compiles a module's bytecode when it is first imported, so pip need not compile all of
-# torch, ray and mlflow up front (fresh venv on the 2-CPU machine, 2026-12-02: 101 s -> 68 s; the
-# first import of torch + ray + mlflow + onnxruntime + the test tools then costs ~1.3 s more, once).
+# 2026-12-02: venv 101 s -> 68 s, but the suite's chaos+unit shard 13 -> 26 min).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -21,8 +18,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile $(TORCH_PINS)
-	$(PY) -m pip install -q --no-compile -e ".[dev,ncnn]" $(TORCH_PINS)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev,ncnn]" $(TORCH_PINS)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
