@@ -334,14 +334,9 @@ def _expected_scores(bundle: str, uris: list[str], onnx_file: str) -> np.ndarray
 def test_tag_job_with_int8_and_ncnn(
     exported_bundle, color_inputs, flags, backend, precision, onnx_file, atol, capsys
 ) -> None:
-    import importlib.util
-
     prefix, uris = color_inputs
     output = f"s3://tagging-inputs/tags-{backend}-{precision}"
-    spec = importlib.util.spec_from_file_location("tag_job", REPO / "jobs" / "tag.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    code = job.main(["--model", exported_bundle, "--input", prefix, "--output", output, *flags])
+    code = load_job("tag").main(["--model", exported_bundle, "--input", prefix, "--output", output, *flags])
     assert code == 0, capsys.readouterr().err[-3000:]
     rows = {r["image_uri"]: r for r in read_table(output).to_pylist()}
     assert sorted(rows) == sorted(uris)  # one row per image
