@@ -64,11 +64,13 @@ def setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
+def init_ray(address: str | None = None, *, keep_dashboard: bool = False, **kwargs: Any) -> None:
     """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local Ray.
 
-    A local Ray starts without its dashboard (no job uses it; on a small machine it is seconds of
-    CPU per start); ``MLC_RAY_DASHBOARD=1`` keeps it. Already-initialised Ray (tests, notebooks) is
+    A local Ray starts without its dashboard (tagging does not use it and its fixed cost per run is
+    counted), unless ``keep_dashboard`` (training: Ray Train's placement-group cleaner asks the state
+    API, which the dashboard serves, once a second whether the controller lives, and without it logs
+    a warning each time) or ``MLC_RAY_DASHBOARD=1``. Already-initialised Ray (tests, notebooks) is
     left as it is.
     """
     import ray
@@ -76,7 +78,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address in (None, "", "local") and os.environ.get("MLC_RAY_DASHBOARD", "") not in ("1", "true"):
+    wants_dashboard = keep_dashboard or os.environ.get("MLC_RAY_DASHBOARD", "") in ("1", "true")
+    if address in (None, "", "local") and not wants_dashboard:
         kwargs.setdefault("include_dashboard", False)
     from mlc_ray.progress import plain_console
 

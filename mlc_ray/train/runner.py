@@ -289,7 +289,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     check_run_fingerprint(cfg, run_fingerprint(cfg, data))  # a resumed run must be the same run
     train_targets, val_targets_all = data.train_targets, data.val_targets
 
-    init_ray()
+    init_ray(keep_dashboard=True)  # Ray Train's placement-group cleaner needs the state API
     quiet_ray_progress()  # before the datasets exist: their split coordinator copies this context
     bad_log = BadImageLog()
     datasets = {

@@ -47,6 +47,14 @@ def test_mlc_ray_dashboard_keeps_it(calls, monkeypatch, value) -> None:
     assert "include_dashboard" not in calls[0]
 
 
+def test_training_keeps_the_dashboard_of_its_local_ray(calls) -> None:
+    # Ray Train's placement-group cleaner polls the state API (served by the dashboard) every second
+    # and logs a warning each time it is missing: 111 lines in one `make demo` before this
+    init_ray(keep_dashboard=True)
+    init_ray("local", keep_dashboard=True)
+    assert all("include_dashboard" not in call for call in calls), calls
+
+
 def test_a_cluster_is_joined_without_dashboard_settings(calls, monkeypatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     init_ray()
