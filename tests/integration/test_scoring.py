@@ -169,4 +169,6 @@ def test_bundle_from_s3(scoring_setup: dict, s3_bucket: str, ray_local: None) ->
         storage.upload_file(str(Path(scoring_setup["bundle"]) / name), storage.join(prefix, name))
     local = score_manifest(scoring_setup["bundle"], scoring_setup["manifest"], use_ray=False)
     remote = score_manifest(prefix, scoring_setup["manifest"], batch_size=8)
-    np.testing.assert_allclose(remote.scores, local.scores, rtol=1e-6, atol=1e-7)
+    # float32 kernels give results that differ by batch composition in the last bits (1.6e-6 relative
+    # seen on an AVX2-only EPYC); the other scoring tests' tolerance, far below a wrong model's error
+    np.testing.assert_allclose(remote.scores, local.scores, rtol=1e-5, atol=1e-6)
