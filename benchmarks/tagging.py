@@ -17,6 +17,9 @@ sessions  onnxruntime fp32 and int8 sessions alone (1 thread, a preprocessed bat
 job_fp32  ``jobs/tag.py --precision fp32`` S3 -> Parquet on S3, local embedded Ray (as a user runs it)
 job_int8  the same with ``--precision int8``
 job_noop  the fp32 job's command again with ``--incremental`` (nothing new to tag)
+ray_floor ``benchmarks/ray_floor.py``: the same local Ray and dataset shape as the job (chunk blocks ->
+          a 0.5-CPU task -> a 2-actor pool) with identity UDFs, then shutdown: what Ray itself costs,
+          the floor under the job's fixed cost
 scale     (once, after the repeats) job_fp32 at ``--scale`` x the images: cost per image and driver RSS
 
 CPU is counted over the benchmark's own process trees, not the machine (other jobs share it): each
@@ -445,6 +448,35 @@ def run_job(bundle: str, prefix: str, output: str, extra: list[str], s3_pid: int
     return result
 
 
+def ray_floor(chunks: int, s3_pid: int) -> dict:
+    """``benchmarks/ray_floor.py``: the same local Ray and dataset shape as the job, identity UDFs."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ray_floor.py"), "--chunks", str(chunks)]
+    ref = Reference(s3_pid)
+    t_start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    meter = TreeMeter(proc.pid)
+    meter.start()
+    out, _ = proc.communicate()
+    t_end = time.time()
+    meter.stop()
+    reference = ref.stop()
+    line = next((x for x in out.splitlines() if x.startswith('{"rows"')), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
+    marks = json.loads(line)["marks_s"]
+    phases_s, t = {}, 0.0
+    for name, at in marks.items():
+        phases_s[name] = at - t
+        t = at
+    phases_s["exit"] = max(0.0, t_end - t_start - t)
+    return {
+        "wall_s": t_end - t_start,
+        "cpu_s_tree": meter.total,
+        "phases_s": {"from_log": phases_s},
+        **reference,
+    }
+
+
 def marginal(small: dict, big: dict) -> dict:
     """The job's marginal (steady-state) figures from a run on N keys and one on 2N keys."""
     n = big["tagged"] - small["tagged"]
@@ -628,11 +660,24 @@ def summarise(runs: dict[str, list[dict]], scale: dict | None, cpu: dict, args: 
         s = stat(values)
         if s:
             lines.append(f"| {name} | {claim(s)} | {s['spread']:.0%} |")
-    for name in ("job_fp32", "job_int8", "job_noop"):
+    for name in ("job_fp32", "job_int8", "job_noop", "ray_floor"):
         if name not in runs:
             continue
         lines += ["", f"{name}: wall {fmt(stat(col(name, 'wall_s')))} s"]
-        if name != "job_noop":
+        if name == "ray_floor":
+            lines[-1] += (
+                f", {fmt(stat(col(name, 'cpu_s_tree')))} CPU-s (local Ray + the job's dataset shape with "
+                "identity UDFs + shutdown, benchmarks/ray_floor.py)"
+            )
+            for job in ("job_fp32", "job_int8"):
+                diff = [
+                    x["fixed_cost_marginal_s"] - y["wall_s"]
+                    for x, y in zip(runs.get(job, []), runs[name], strict=False)
+                    if x.get("fixed_cost_marginal_s") is not None
+                ]
+                if diff:
+                    lines[-1] += f"; {job} fixed cost over it {fmt(stat(diff))} s (paired per repeat)"
+        elif name != "job_noop":
             lines[-1] += (
                 f", fixed cost {fmt(stat(col(name, 'fixed_cost_marginal_s')))} s (N vs 2N; "
                 f"{fmt(stat(col(name, 'fixed_cost_s')))} s from its progress lines), fixed CPU "
@@ -680,7 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         "--scale", type=int, default=4, help="one fp32 job run at this many x the images (0: none)"
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 200 images, 1 repeat, no scale run")
-    p.add_argument("--only", default="mem,s3,sessions,job_fp32,job_int8,job_noop", help="comma list")
+    p.add_argument(
+        "--only", default="mem,s3,sessions,job_fp32,job_int8,job_noop,ray_floor", help="comma list"
+    )
     p.add_argument("--session-seconds", type=float, default=3.0)
     p.add_argument("--tag-args", default="", help="extra jobs/tag.py flags for every job run")
     p.add_argument("--work-dir", default="/tmp/mlc-ray-bench-cost")
@@ -736,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
                     res.update(marginal(res, big))
                     if name == "job_fp32":
                         last_fp32_output = output
+                elif name == "ray_floor":
+                    res = ray_floor(-(-args.images // 64), moto.pid)
                 elif name == "job_noop":
                     if "job_fp32" not in only:
                         continue
