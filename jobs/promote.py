@@ -32,7 +32,7 @@ import argparse
 import logging
 
 from mlc_ray.alias_history import alias_history, format_history
-from mlc_ray.cli import ArgumentParser, run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, exit_process, run_job, setup_logging
 from mlc_ray.registry import CHALLENGER, promote, rollback
 
 log = logging.getLogger("mlc_ray.jobs.promote")
@@ -175,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())  # sys.exit less the module teardown (mlc_ray.cli)

@@ -13,7 +13,7 @@ Exit codes: 0 done, 2 a user error (missing password variable, server refused), 
 
 from __future__ import annotations
 
-from mlc_ray.cli import run_job, setup_logging
+from mlc_ray.cli import exit_process, run_job, setup_logging
 from mlc_ray.registry_auth import build_parser
 from mlc_ray.registry_auth import main as provision_main
 
@@ -25,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())  # sys.exit less the module teardown (mlc_ray.cli)

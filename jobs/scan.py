@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlc_ray.cli import ArgumentParser, run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, exit_process, run_job, setup_logging
 from mlc_ray.config import config_to_yaml, load_config
 from mlc_ray.scan import ScanConfig, enforce_error_rate, run_scan
 
@@ -60,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())  # sys.exit less the module teardown (mlc_ray.cli)

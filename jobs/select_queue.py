@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlc_ray.cli import ArgumentParser, run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, exit_process, run_job, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())  # sys.exit less the module teardown (mlc_ray.cli)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mlc_ray.cli import ArgumentParser, run_job, setup_logging
+from mlc_ray.cli import ArgumentParser, exit_process, run_job, setup_logging
 
 # flag -> config key; type; help.  Every flag defaults to None = "not given, keep the config's value".
 OVERRIDES: list[tuple[str, str, Any, str]] = [
@@ -119,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())  # sys.exit less the module teardown (mlc_ray.cli)

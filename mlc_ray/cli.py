@@ -32,6 +32,7 @@ __all__ = [
     "init_ray",
     "shutdown_local_ray",
     "run_job",
+    "exit_process",
 ]
 
 log = logging.getLogger("mlc_ray")
@@ -118,6 +119,30 @@ def shutdown_local_ray() -> None:
             with contextlib.suppress(Exception):
                 info.process.wait(timeout=1)
     ray.shutdown()
+
+
+def exit_process(code: int) -> typing.NoReturn:
+    """End a job's process with ``code`` the way the interpreter would, less its module teardown.
+
+    What ``sys.exit`` does first is kept: non-daemon threads are joined, every ``atexit`` handler runs
+    (logging's flush, MLflow's, Ray's), stdout and stderr are flushed. What is skipped is the teardown
+    of every loaded module that follows (3,200 modules with Ray, pyarrow and MLflow in a tagging
+    driver): measured 2026-12-03 at 1.1 s of a 1,000-image tagging run's 1.3 s from the summary to
+    the process's end, on a 2-vCPU EPYC. Only for a job's ``__main__``: a ``main()`` called in-process
+    (tests, notebooks) returns its code as before.
+    """
+    import atexit
+    import threading
+
+    # the interpreter's own first two exit steps, in its order: threading's exit hooks (they stop
+    # idle concurrent.futures workers, which a bare join would wait on for ever), then the join of
+    # every non-daemon thread; then the atexit handlers
+    threading._shutdown()  # noqa: SLF001
+    atexit._run_exitfuncs()  # noqa: SLF001
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def run_job(fn: Callable[[], int | None]) -> int:

@@ -92,4 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mlc_ray.cli import exit_process
+
+    exit_process(main())  # sys.exit less the module teardown (mlc_ray.cli)
