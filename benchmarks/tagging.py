@@ -399,10 +399,11 @@ LOG_PHASES = [
 ]
 
 
-def run_job(bundle: str, prefix: str, output: str, extra: list[str], s3_pid: int, work: Path) -> dict:
-    cmd = [sys.executable, "-c", LAUNCHER, str(REPO / "jobs" / "tag.py"), "--model", bundle]
-    cmd += ["--input", prefix, "--output", output, "--max-error-rate", "0", "--progress-every", "1", *extra]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+def metered(
+    cmd: list[str], s3_pid: int, env: dict | None = None
+) -> tuple[subprocess.Popen, str, float, float, TreeMeter, dict]:
+    """Run ``cmd`` to its end with its process tree's CPU metered: (process, output, start, end,
+    meter, the S3 server's and the machine's CPU over the same interval)."""
     ref = Reference(s3_pid)
     t_start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -411,7 +412,14 @@ def run_job(bundle: str, prefix: str, output: str, extra: list[str], s3_pid: int
     out, _ = proc.communicate()
     t_end = time.time()
     meter.stop()
-    reference = ref.stop()
+    return proc, out, t_start, t_end, meter, ref.stop()
+
+
+def run_job(bundle: str, prefix: str, output: str, extra: list[str], s3_pid: int, work: Path) -> dict:
+    cmd = [sys.executable, "-c", LAUNCHER, str(REPO / "jobs" / "tag.py"), "--model", bundle]
+    cmd += ["--input", prefix, "--output", output, "--max-error-rate", "0", "--progress-every", "1", *extra]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    proc, out, t_start, t_end, meter, reference = metered(cmd, s3_pid, env)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
     events = []
@@ -451,15 +459,7 @@ def run_job(bundle: str, prefix: str, output: str, extra: list[str], s3_pid: int
 def ray_floor(chunks: int, s3_pid: int) -> dict:
     """``benchmarks/ray_floor.py``: the same local Ray and dataset shape as the job, identity UDFs."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "ray_floor.py"), "--chunks", str(chunks)]
-    ref = Reference(s3_pid)
-    t_start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    meter = TreeMeter(proc.pid)
-    meter.start()
-    out, _ = proc.communicate()
-    t_end = time.time()
-    meter.stop()
-    reference = ref.stop()
+    proc, out, t_start, t_end, meter, reference = metered(cmd, s3_pid)
     line = next((x for x in out.splitlines() if x.startswith('{"rows"')), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
