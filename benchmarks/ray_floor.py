@@ -6,8 +6,8 @@
 job's fixed cost can be read against what Ray itself costs on the same machine in the same run: the
 same ``init_ray`` (local Ray, no dashboard), the same dataset shape as ``tagging/dataset.py`` (chunk
 references in ``--chunks`` blocks → a ``map_batches`` task at 0.5 CPU → an ``ActorPoolStrategy`` of
-``--actors`` at the CPUs ``choose_parallelism`` gives them, batch 32) but identity functions in place
-of the S3 reads and the ``Predictor``, then ``shutdown_local_ray``. Prints one JSON line of phase
+the actors and CPUs ``choose_parallelism`` gives, the job's default batch) but a key-per-row expansion in place
+of the S3 reads and an identity ``__call__`` in place of the ``Predictor``, then ``shutdown_local_ray``. Prints one JSON line of phase
 times (seconds since the process started, by ``time.time()`` against the process's start time).
 """
 
@@ -32,14 +32,18 @@ class Identity:
         return batch
 
 
-def identity(batch):  # noqa: ANN001, ANN201 - a Ray Data UDF
-    return batch
+def keys_of_chunks(batch):  # noqa: ANN001, ANN201 - a Ray Data UDF
+    """The read step's place: one row per key of each chunk (as ``read_chunks`` yields), no reads."""
+    import pyarrow as pa
+
+    starts, stops = batch.column("_start").to_pylist(), batch.column("_stop").to_pylist()
+    return pa.table({"_pos": pa.array([p for a, b in zip(starts, stops, strict=True) for p in range(a, b)])})
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chunks", type=int, default=16, help="input blocks (a 1,000-key run has 16)")
-    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--actors", type=int, help="pool size (default: choose_parallelism's, as the job)")
     args = p.parse_args()
     marks = {"python start + imports": time.time() - T0}
 
@@ -48,21 +52,25 @@ def main() -> int:
 
     from mlc_ray.cli import init_ray, shutdown_local_ray
     from mlc_ray.progress import quiet_ray_progress
+    from mlc_ray.tagging.config import TagConfig
+    from mlc_ray.tagging.dataset import READ_BLOCK_KEYS
     from mlc_ray.tagging.parallelism import choose_parallelism
 
     init_ray()
     quiet_ray_progress()
-    par = choose_parallelism(ray.cluster_resources().get("CPU", 1), actors=(args.actors, args.actors))
+    actors = (args.actors, args.actors) if args.actors else None
+    par = choose_parallelism(ray.cluster_resources().get("CPU", 1), actors=actors)
     marks["Ray start"] = time.time() - T0
+    keys = READ_BLOCK_KEYS
     blocks = [
-        pa.table({"_shard": [0], "_start": [64 * i], "_stop": [64 * (i + 1)]}) for i in range(args.chunks)
+        pa.table({"_shard": [0], "_start": [keys * i], "_stop": [keys * (i + 1)]}) for i in range(args.chunks)
     ]
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(identity, batch_size=None, batch_format="pyarrow", num_cpus=par.read_cpus)
+    ds = ds.map_batches(keys_of_chunks, batch_size=None, batch_format="pyarrow", num_cpus=par.read_cpus)
     ds = ds.map_batches(
         Identity,
         compute=ray.data.ActorPoolStrategy(min_size=par.min_actors, max_size=par.max_actors),
-        batch_size=32,
+        batch_size=TagConfig.batch_size,  # the job's default
         batch_format="pyarrow",
         num_cpus=par.cpus_per_actor,
     )

@@ -784,7 +784,9 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "job_fp32":
                         last_fp32_output = output
                 elif name == "ray_floor":
-                    res = ray_floor(-(-args.images // 64), moto.pid)
+                    from mlc_ray.tagging.dataset import READ_BLOCK_KEYS
+
+                    res = ray_floor(-(-args.images // READ_BLOCK_KEYS), moto.pid)
                 elif name == "job_noop":
                     if "job_fp32" not in only:
                         continue
