@@ -18,8 +18,8 @@ job_fp32  ``jobs/tag.py --precision fp32`` S3 -> Parquet on S3, local embedded R
 job_int8  the same with ``--precision int8``
 job_noop  the fp32 job's command again with ``--incremental`` (nothing new to tag)
 ray_floor ``benchmarks/ray_floor.py``: the same local Ray and dataset shape as the job (chunk blocks ->
-          a 0.5-CPU task -> a 2-actor pool) with identity UDFs, then shutdown: what Ray itself costs,
-          the floor under the job's fixed cost
+          a 0.5-CPU task -> the job's actor pool), one row per key, no reads or inference, then
+          shutdown: what Ray itself costs, the floor under the job's fixed cost
 scale     (once, after the repeats) job_fp32 at ``--scale`` x the images: cost per image and driver RSS
 
 CPU is counted over the benchmark's own process trees, not the machine (other jobs share it): each
@@ -457,7 +457,7 @@ def run_job(bundle: str, prefix: str, output: str, extra: list[str], s3_pid: int
 
 
 def ray_floor(chunks: int, s3_pid: int) -> dict:
-    """``benchmarks/ray_floor.py``: the same local Ray and dataset shape as the job, identity UDFs."""
+    """``benchmarks/ray_floor.py``: the same local Ray and dataset shape as the job, no reads or inference."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "ray_floor.py"), "--chunks", str(chunks)]
     proc, out, t_start, t_end, meter, reference = metered(cmd, s3_pid)
     line = next((x for x in out.splitlines() if x.startswith('{"rows"')), None)
@@ -667,7 +667,7 @@ def summarise(runs: dict[str, list[dict]], scale: dict | None, cpu: dict, args: 
         if name == "ray_floor":
             lines[-1] += (
                 f", {fmt(stat(col(name, 'cpu_s_tree')))} CPU-s (local Ray + the job's dataset shape with "
-                "identity UDFs + shutdown, benchmarks/ray_floor.py)"
+                "one row per key, no reads or inference + shutdown, benchmarks/ray_floor.py)"
             )
             for job in ("job_fp32", "job_int8"):
                 diff = [
