@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,11 +165,17 @@ def decode_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     target_size: int | tuple[int, int] | None = None,
+    finish: Callable[[Image.Image], np.ndarray] | None = None,
 ) -> DecodedImage:
     """Decode image bytes to an RGB uint8 (H, W, 3) array, EXIF-oriented; never raises for bad data.
 
     ``target_size`` (an int or (width, height) in upright orientation) is a hint: a JPEG may be
     decoded at a reduced DCT scale whose size is still >= target_size in both dimensions.
+
+    ``finish``: what turns the upright RGB ``PIL.Image`` into the returned array (default: a copy of
+    its pixels). The model-input path passes its resize here, so the decoded pixels go from PIL to
+    the resize without a round trip through numpy (``images.prepare_image``); an exception it
+    raises is this image's error, as any other.
     """
     if data is None or len(data) == 0:
         return _failed("empty", "zero bytes")
@@ -222,7 +229,8 @@ def decode_image(
             return _failed("unsupported", f"image mode '{im.mode}' has no RGB conversion", width, height)
         if orientation != 1:
             rgb = rgb.transpose(_ORIENTATION_FIX[orientation])
-        array = np.array(rgb, dtype=np.uint8)  # a writable copy the caller owns
+        # a writable copy the caller owns, or what ``finish`` makes of the upright RGB image
+        array = np.array(rgb, dtype=np.uint8) if finish is None else finish(rgb)
         if array.ndim != 3 or array.shape[2] != 3:
             return _failed(
                 "unsupported", f"decoded to shape {array.shape}, expected (H, W, 3)", width, height

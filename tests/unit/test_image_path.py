@@ -57,6 +57,25 @@ def test_prepare_image_is_decode_for_model_then_the_view(camera_jpeg) -> None:
         prepare_image(camera_jpeg, cfg, view="5crop")
 
 
+@pytest.mark.parametrize(
+    ("name", "width", "height", "kind"), [*REALISTIC_SET, ("at-size.png", 64, 64, "png")]
+)
+def test_prepare_image_single_view_is_byte_equal_to_decode_then_preprocess_eval(
+    name, width, height, kind
+) -> None:
+    """The single view resizes the decoder's PIL image directly (no numpy round trip): the model input
+    must stay byte for byte what ``preprocess_eval`` makes of the decoded array, for every kind of
+    input (big JPEGs at draft scale, PNG, CMYK, EXIF-rotated, an image already at the model's size)."""
+    data = photo_like_bytes(width, height, kind, seed=11)
+    for cfg in (PreprocessConfig(image_size=64), PreprocessConfig(image_size=224, decode="full")):
+        prepared = prepare_image(data, cfg)
+        assert prepared.ok, prepared.error
+        reference = preprocess_eval(decode_for_model(data, cfg).array, cfg)
+        assert prepared.pixels.dtype == np.uint8 and prepared.pixels.shape == reference.shape
+        np.testing.assert_array_equal(prepared.pixels, reference, err_msg=name)
+        assert (prepared.width, prepared.height) == (width, height)
+
+
 def test_read_and_prepare_names_missing_and_reads_local_files(tmp_path) -> None:
     cfg = PreprocessConfig(image_size=32)
     path = tmp_path / "a.jpg"
