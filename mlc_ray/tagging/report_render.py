@@ -63,8 +63,10 @@ def _contact_sheet(label: str, threshold: float, samples: SampleSet, j: int) -> 
             draw.text((x, y + THUMB_SIDE), f"{s.score:.3f}", fill=(0, 0, 0))
         y += THUMB_SIDE + caption + pad
     buf = io.BytesIO()
-    # a 256-colour palette (octree keeps the small saturated shapes; median cut lost some): ~1/3 the size
-    sheet.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, "PNG", optimize=True)
+    # a 256-colour palette (octree keeps the small saturated shapes; median cut lost some): ~1/3 the
+    # size. zlib's default level, not optimize=True: 4.0 vs 17.7 ms a sheet for 38 vs 37 KB (measured
+    # 2026-12-03 on a 548x394 sheet of photo thumbnails; a run writes one sheet per label)
+    sheet.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -122,7 +124,7 @@ def _histograms_png(
         for yy in range(int(top), int(bottom), 6):  # dashed
             draw.line((tx, yy, tx, min(bottom, yy + 3)), fill=(0, 0, 0))
     buf = io.BytesIO()
-    img.save(buf, "PNG", optimize=True)
+    img.save(buf, "PNG")  # zlib's default level (optimize=True: ~4x the time for a few % smaller)
     return buf.getvalue()
 
 
