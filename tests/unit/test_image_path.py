@@ -73,6 +73,7 @@ def test_prepare_image_single_view_is_byte_equal_to_decode_then_preprocess_eval(
         reference = preprocess_eval(decode_for_model(data, cfg).array, cfg)
         assert prepared.pixels.dtype == np.uint8 and prepared.pixels.shape == reference.shape
         np.testing.assert_array_equal(prepared.pixels, reference, err_msg=name)
+        assert prepared.pixels.flags.writeable == reference.flags.writeable  # at size: a writable copy
         assert (prepared.width, prepared.height) == (width, height)
 
 
