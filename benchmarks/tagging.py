@@ -13,7 +13,9 @@ mem       in-memory ceiling: one process per core, each decodes its share of the
           onnxruntime fp32 with 1 thread, batch 32; no Ray
 s3        S3 ceiling: the same, but each process first GETs each batch's keys from the same S3 server
           (boto3, 8 threads)
-sessions  onnxruntime fp32 and int8 sessions alone (1 thread, a preprocessed batch of 32), one process
+sessions  onnxruntime fp32 and int8 sessions alone (1 thread, a preprocessed batch of 32), one process:
+          ``OnnxBackend.run`` as the job runs it (one image per call, ``mlc_ray/onnx_run.py``) and,
+          alternating with it, the same batch in one session call
 job_fp32  ``jobs/tag.py --precision fp32`` S3 -> Parquet on S3, local embedded Ray (as a user runs it)
 job_int8  the same with ``--precision int8``
 job_noop  the fp32 job's command again with ``--incremental`` (nothing new to tag)
@@ -358,13 +360,28 @@ def _sessions_worker(bundle: str, out: mp.Queue, seconds: float) -> None:
         backend = OnnxBackend(
             str(Path(bundle, "model.onnx" if name == "fp32" else "model.int8.onnx")), threads=1
         )
-        backend.run(x)
-        n, t0, c0 = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - t0 < seconds:
-            backend.run(x)
-            n += len(x)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        result[name] = {"images_per_s": n / wall, "cpu_ms_per_image": 1000 * cpu / n}
+
+        def whole_batch(x: np.ndarray, backend: OnnxBackend = backend) -> None:
+            """One session call for the whole batch (how the job ran it before ``onnx_run.py``)."""
+            backend.session.run([backend.output_name], {backend.input_name: x})
+
+        # as the job runs it (``backend.run``: one image per call) and the whole batch in one call,
+        # alternating in slices of a quarter of the time each so that a busy spell hits both
+        timed = {name: backend.run, f"{name}_batch_call": whole_batch}
+        counts = {k: [0, 0.0, 0.0] for k in timed}
+        for run in timed.values():
+            run(x)  # warm-up: the session's arena
+        for _ in range(4):
+            for key, run in timed.items():
+                n, t0, c0 = 0, time.perf_counter(), time.process_time()
+                while time.perf_counter() - t0 < seconds / 4:
+                    run(x)
+                    n += len(x)
+                counts[key][0] += n
+                counts[key][1] += time.perf_counter() - t0
+                counts[key][2] += time.process_time() - c0
+        for key, (n, wall, cpu) in counts.items():
+            result[key] = {"images_per_s": n / wall, "cpu_ms_per_image": 1000 * cpu / n}
     out.put(result)
 
 
@@ -376,6 +393,10 @@ def sessions(bundle: str, seconds: float) -> dict:
     result = out.get(timeout=600)
     p.join()
     result["int8_vs_fp32"] = result["int8"]["images_per_s"] / result["fp32"]["images_per_s"]
+    for prec in ("fp32", "int8"):
+        result[f"{prec}_per_image_vs_batch_call"] = (
+            result[prec]["images_per_s"] / result[f"{prec}_batch_call"]["images_per_s"]
+        )
     return result
 
 
@@ -627,15 +648,33 @@ def summarise(runs: dict[str, list[dict]], scale: dict | None, cpu: dict, args: 
                 f"| {label} | {fmt(stat(col(name, rate)))} | {fmt(stat(col(name, cpu_key))) if cpu_key else ''} | |"
             )
     if "sessions" in runs:
-        for prec in ("fp32", "int8"):
-            r = [x[prec]["images_per_s"] for x in runs["sessions"]]
-            c = [x[prec]["cpu_ms_per_image"] for x in runs["sessions"]]
+        for key, how in (
+            ("fp32", "one image per call (as the job)"),
+            ("int8", "one image per call (as the job)"),
+            ("fp32_batch_call", f"the batch of {BATCH} in one call"),
+            ("int8_batch_call", f"the batch of {BATCH} in one call"),
+        ):
+            got = [x[key] for x in runs["sessions"] if key in x]
+            if not got:
+                continue
+            r = [x["images_per_s"] for x in got]
+            c = [x["cpu_ms_per_image"] for x in got]
             lines.append(
-                f"| onnxruntime {prec} session alone, 1 thread, batch {BATCH} | {fmt(stat(r))} | {fmt(stat(c))} | |"
+                f"| onnxruntime {key.split('_')[0]} session alone, 1 thread, {how} | {fmt(stat(r))} | {fmt(stat(c))} | |"
             )
     lines += ["", "| ratio (paired per repeat) | median | spread |", "|---|---:|---:|"]
     ratios = {
         "int8 / fp32, sessions alone": [x["int8_vs_fp32"] for x in runs.get("sessions", [])],
+        "fp32 session, one image per call / batch in one call": [
+            x["fp32_per_image_vs_batch_call"]
+            for x in runs.get("sessions", [])
+            if "fp32_per_image_vs_batch_call" in x
+        ],
+        "int8 session, one image per call / batch in one call": [
+            x["int8_per_image_vs_batch_call"]
+            for x in runs.get("sessions", [])
+            if "int8_per_image_vs_batch_call" in x
+        ],
         "int8 / fp32, job marginal (2N − N)": paired(
             "job_int8", "marginal_images_per_s", "job_fp32", "marginal_images_per_s"
         ),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlc_ray.errors import UserError
+from mlc_ray.onnx_run import cpu_images_per_call, run_graph
 
 __all__ = ["BundleScorer", "EvalResult", "evaluate_bundle", "read_images"]
 
@@ -54,10 +55,12 @@ class BundleScorer:
         self.labels = self.bundle.labels()
         self.preprocess = self.bundle.preprocess()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _onnx_threads()
+        threads = _onnx_threads()
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.images_per_call = cpu_images_per_call(threads)  # as tagging's actors run it (onnx_run.py)
         n_out = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.labels):
             raise UserError(
@@ -75,8 +78,13 @@ class BundleScorer:
         """Probabilities (N, L) float32 for a uint8 NHWC batch."""
         if len(batch_nhwc) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        (probs,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch_nhwc, dtype=np.uint8)})
-        return np.asarray(probs, dtype=np.float32)
+        return run_graph(
+            self.session,
+            batch_nhwc,
+            input_name=self.input_name,
+            output_name=None,
+            images_per_call=self.images_per_call,
+        )
 
     def score_bytes(
         self, images: Sequence[bytes | None], *, batch_size: int = DEFAULT_BATCH_SIZE

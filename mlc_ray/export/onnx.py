@@ -144,10 +144,18 @@ def onnx_probabilities(
     """Run an exported graph on uint8 NHWC ``images`` -> float32 (N, L) probabilities."""
     import numpy as np
 
+    from mlc_ray.onnx_run import cpu_images_per_call, run_graph
+
     session = onnx_session(path, threads=threads)
     images = np.ascontiguousarray(images, dtype=np.uint8)
     out = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
+        run_graph(
+            session,
+            images[i : i + batch_size],
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            images_per_call=cpu_images_per_call(threads),
+        )
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(out).astype(np.float32, copy=False)

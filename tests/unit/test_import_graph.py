@@ -26,8 +26,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("job runtime", ["cli"]),
     # data model and formats, decode/preprocess, the model zoo, threshold calibration
     ("data and models", ["data", "models", "calibrate"]),
-    # the model-bundle contract (one reader of the bundle files)
-    ("bundle", ["bundle"]),
+    # the model-bundle contract (one reader of the bundle files; how its ONNX graph is run)
+    ("bundle", ["bundle", "onnx_run"]),
     # what consumes a bundle: scoring/evaluation, the pyfunc wrapper, export to ONNX/int8/ncnn
     ("bundle users", ["evaluation", "pyfunc_model", "export"]),
     # MLflow: register, resolve, promote, audit, access control
