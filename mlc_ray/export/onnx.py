@@ -138,24 +138,15 @@ def onnx_session(path: str | os.PathLike[str] | bytes, *, threads: int = 1) -> A
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def onnx_probabilities(
-    path: str | os.PathLike[str], images: Any, *, batch_size: int = 32, threads: int = 1
-) -> Any:
-    """Run an exported graph on uint8 NHWC ``images`` -> float32 (N, L) probabilities."""
-    import numpy as np
-
+def onnx_probabilities(path: str | os.PathLike[str], images: Any, *, threads: int = 1) -> Any:
+    """Run an exported graph on uint8 NHWC ``images`` -> float32 (N, L) probabilities, as every CPU
+    session of a bundle's graph runs (``onnx_run.run_graph``: one image per thread per call)."""
     from mlc_ray.onnx_run import cpu_images_per_call, run_graph
 
-    session = onnx_session(path, threads=threads)
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    out = [
-        run_graph(
-            session,
-            images[i : i + batch_size],
-            input_name=INPUT_NAME,
-            output_name=OUTPUT_NAME,
-            images_per_call=cpu_images_per_call(threads),
-        )
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return run_graph(
+        onnx_session(path, threads=threads),
+        images,
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        images_per_call=cpu_images_per_call(threads),
+    )

@@ -105,6 +105,6 @@ def test_export_probabilities_run_as_the_tagging_backend(
         return made[-1]
 
     monkeypatch.setattr(export_onnx, "onnx_session", recording_session)
-    got = export_onnx.onnx_probabilities(bundle / "model.onnx", images, batch_size=4, threads=1)
+    got = export_onnx.onnx_probabilities(bundle / "model.onnx", images, threads=1)
     assert made[0].sizes == [1] * len(images)
     np.testing.assert_allclose(got, whole_batch(bundle, images), rtol=1e-5, atol=1e-6)
