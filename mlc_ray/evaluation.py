@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlc_ray.errors import UserError
-from mlc_ray.onnx_run import cpu_images_per_call, run_graph
+from mlc_ray.onnx_run import cpu_images_per_call, open_session, run_graph
 
 __all__ = ["BundleScorer", "EvalResult", "evaluate_bundle", "read_images"]
 
@@ -43,8 +43,6 @@ class BundleScorer:
     """Bytes in, per-label probabilities out, with one bundle's fp32 ONNX graph and preprocessing."""
 
     def __init__(self, local_dir: str | os.PathLike[str], *, onnx_file: str = "model.onnx") -> None:
-        import onnxruntime as ort
-
         from mlc_ray.bundle import ModelBundle
 
         self.bundle = ModelBundle(local_dir)
@@ -54,11 +52,8 @@ class BundleScorer:
             raise UserError(f"{onnx_path}: model file missing from the bundle (export writes it)")
         self.labels = self.bundle.labels()
         self.preprocess = self.bundle.preprocess()
-        options = ort.SessionOptions()
         threads = _onnx_threads()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(onnx_path, threads=threads)  # the options tagging's actors use
         self.input_name = self.session.get_inputs()[0].name
         self.images_per_call = cpu_images_per_call(threads)  # as tagging's actors run it (onnx_run.py)
         n_out = self.session.get_outputs()[0].shape[-1]

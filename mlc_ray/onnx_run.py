@@ -1,8 +1,9 @@
 """Running a bundle's ONNX graph: how many images go into one onnxruntime call.
 
 Every session of a bundle's graph (tagging's actors, ``evaluation.BundleScorer`` for promotion and
-pyfunc, export's parity check and int8 gate) runs through ``run_graph``, so the three score a
-batch the same way. On the CPU a batch goes to the session ``cpu_images_per_call(threads)`` images
+pyfunc, export's parity check and int8 gate) is opened by ``open_session`` (one set of session
+options: sequential execution, full graph optimisation, one inter-op thread) and runs through
+``run_graph``, so the three score a batch the same way. On the CPU a batch goes to the session ``cpu_images_per_call(threads)`` images
 per call — one image per intra-op thread — whatever the caller's batch size (the tagging actors'
 ``--batch-size``, the evaluation batches); a GPU session takes the whole batch in one call.
 
@@ -20,11 +21,28 @@ Ray's other processes were starting beside it; one image's activations are a thi
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
-__all__ = ["cpu_images_per_call", "run_graph"]
+__all__ = ["cpu_images_per_call", "open_session", "run_graph"]
+
+
+def open_session(model: bytes | str | os.PathLike[str], *, threads: int = 1, use_gpu: bool = False) -> Any:
+    """An onnxruntime session of ``model`` (bytes or a path) with the options every scorer of a bundle
+    uses: ``threads`` intra-op threads, one inter-op thread, sequential execution, full graph
+    optimisation; the CPU provider, or CUDA first when ``use_gpu`` (the caller checks that it got it)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_gpu else ["CPUExecutionProvider"]
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(source, options, providers=providers)
 
 
 def cpu_images_per_call(threads: int) -> int:

@@ -126,16 +126,10 @@ def check_onnx(path: str | os.PathLike[str]) -> None:
 
 
 def onnx_session(path: str | os.PathLike[str] | bytes, *, threads: int = 1) -> Any:
-    """A CPU onnxruntime session with the options tagging uses (sequential, full graph optimisation)."""
-    import onnxruntime as ort
+    """A CPU onnxruntime session with the options tagging uses (``onnx_run.open_session``)."""
+    from mlc_ray.onnx_run import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, int(threads))
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return open_session(path, threads=threads)
 
 
 def onnx_probabilities(path: str | os.PathLike[str], images: Any, *, threads: int = 1) -> Any:

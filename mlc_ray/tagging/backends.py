@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlc_ray.bundle import EXPORT_FILES, ONNX_BY_PRECISION
-from mlc_ray.onnx_run import cpu_images_per_call, run_graph
+from mlc_ray.onnx_run import cpu_images_per_call, open_session, run_graph
 
 __all__ = ["ModelFiles", "InferenceBackend", "OnnxBackend", "NcnnBackend", "model_files_for", "make_backend"]
 
@@ -81,13 +81,7 @@ class OnnxBackend(InferenceBackend):
     def __init__(self, model: bytes | str, *, threads: int = 1, use_gpu: bool = False) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, int(threads))
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_gpu else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(model, options, providers=providers)
+        self.session = open_session(model, threads=threads, use_gpu=use_gpu)
         self.providers = list(self.session.get_providers())
         # on the CPU one image per intra-op thread per call (onnx_run.py: faster than whole batches)
         self.images_per_call = None if use_gpu else cpu_images_per_call(threads)

@@ -108,3 +108,37 @@ def test_export_probabilities_run_as_the_tagging_backend(
     got = export_onnx.onnx_probabilities(bundle / "model.onnx", images, threads=1)
     assert made[0].sizes == [1] * len(images)
     np.testing.assert_allclose(got, whole_batch(bundle, images), rtol=1e-5, atol=1e-6)
+
+
+def test_every_scorer_opens_its_session_with_the_same_options(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tagging's backend, evaluation's scorer and export's session all come from ``open_session``:
+    the same intra/inter-op threads, execution mode and graph optimisation for the same threads."""
+    from mlc_ray import evaluation, onnx_run
+    from mlc_ray.evaluation import BundleScorer
+    from mlc_ray.export import onnx as export_onnx
+    from mlc_ray.tagging import backends
+
+    real = onnx_run.open_session
+    opened: list[str] = []
+
+    def recording(model, *, threads=1, use_gpu=False):  # noqa: ANN001, ANN202
+        opened.append(type(model).__name__)
+        return real(model, threads=threads, use_gpu=use_gpu)
+
+    for module in (backends, evaluation, onnx_run):  # export imports it from onnx_run when called
+        monkeypatch.setattr(module, "open_session", recording)
+    monkeypatch.setenv("MLC_RAY_ORT_THREADS", "2")
+    sessions = [
+        backends.OnnxBackend((bundle / "model.onnx").read_bytes(), threads=2).session,
+        BundleScorer(bundle).session,
+        export_onnx.onnx_session(bundle / "model.onnx", threads=2),
+    ]
+    assert opened == ["bytes", "PosixPath", "PosixPath"]
+    for session in sessions:
+        options = session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+        assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        assert session.get_providers() == ["CPUExecutionProvider"]
