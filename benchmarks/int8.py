@@ -1,6 +1,6 @@
 """fp32 vs int8 ONNX: onnxruntime throughput and macro-F1, on this machine.
 
-    .venv/bin/python benchmarks/int8.py [--epochs 4] [--f1-size 96] [--bench-size 224] [--batch 16]
+    .venv/bin/python benchmarks/int8.py [--epochs 4] [--f1-size 96] [--bench-size 224] [--batch 32] [--threads 1]
 
 [1] generates the demo set (``mlc_ray.data.demo``, 1200 train / 300 val at 96 px) in a temp folder;
 [2] trains MobileNetV2 (no pretrained weights) briefly with a plain torch loop (BCE, Adam) on it;
@@ -8,8 +8,9 @@
 [4] ``export_bundle``: ONNX fp32, int8 (calibrated on 300 train images) and its accuracy gate —
     fp32 vs int8 macro-F1 at the calibrated thresholds on val;
 [5] speed: the same weights as a 224 px MobileNetV2 graph, fp32 vs int8 (calibrated on the train
-    images resized to 224), one onnxruntime session each with identical options (all cores,
-    sequential execution, full graph optimisation), same batch, images/s after a warm-up.
+    images resized to 224), one onnxruntime session each with the options every scorer uses
+    (``onnx_run.open_session``; 1 intra-op thread, as a tagging actor), run as tagging runs a batch
+    (``onnx_run.run_graph``: one image per thread per call), alternating, median of 5 slices.
 
 Prints one JSON object (and a short table on stderr).
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -65,18 +65,37 @@ def _train(model, images: np.ndarray, targets: np.ndarray, epochs: int, seed: in
     return loss
 
 
-def _throughput(path: Path, images: np.ndarray, batch: int, threads: int, seconds: float) -> float:
+def _throughput(paths: dict[str, Path], images: np.ndarray, batch: int, threads: int, seconds: float) -> dict:
+    """images/s of each graph, run as tagging's actors run it (``onnx_run``: one session per graph,
+    one image per intra-op thread per call): the graphs alternate in 5 slices of ``seconds / 5``
+    each, and each figure is the median of its slices."""
     from mlc_ray.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
+    from mlc_ray.onnx_run import cpu_images_per_call, run_graph
 
-    session = onnx_session(path, threads=threads)
-    feed = {INPUT_NAME: np.ascontiguousarray(images[:batch])}
-    for _ in range(3):
-        session.run([OUTPUT_NAME], feed)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run([OUTPUT_NAME], feed)
-        done += batch
-    return done / (time.perf_counter() - start)
+    sessions = {name: onnx_session(path, threads=threads) for name, path in paths.items()}
+    x = np.ascontiguousarray(images[:batch])
+
+    def run(session) -> None:  # noqa: ANN001
+        run_graph(
+            session,
+            x,
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            images_per_call=cpu_images_per_call(threads),
+        )
+
+    for session in sessions.values():
+        for _ in range(3):
+            run(session)
+    rates: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(5):
+        for name, session in sessions.items():
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 5:
+                run(session)
+                done += len(x)
+            rates[name].append(done / (time.perf_counter() - start))
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         "--f1-size", type=int, default=96, help="image size for training and the F1 comparison"
     )
     parser.add_argument("--bench-size", type=int, default=224, help="image size for the speed comparison")
-    parser.add_argument("--batch", type=int, default=16, help="batch size for the speed comparison")
+    parser.add_argument(
+        "--batch", type=int, default=32, help="images per batch in the speed comparison (tagging's default)"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per model")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads"
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads (a tagging actor's default: 1)"
     )
     parser.add_argument(
         "--work-dir", default=None, help="where demo data and bundles go (default: a temp dir)"
@@ -154,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32_path = export_onnx(big, speed_dir / "model.onnx", image_size=args.bench_size)
     big_x, _ = _load_split(train.subset(list(range(min(300, len(train))))), args.bench_size)
     int8_path = quantize_int8(fp32_path, speed_dir / "model.int8.onnx", big_x)
-    fp32_ips = _throughput(fp32_path, big_x, args.batch, args.threads, args.seconds)
-    int8_ips = _throughput(int8_path, big_x, args.batch, args.threads, args.seconds)
+    speed = _throughput({"fp32": fp32_path, "int8": int8_path}, big_x, args.batch, args.threads, args.seconds)
+    fp32_ips, int8_ips = speed["fp32"], speed["int8"]
     result = {
         "model": f"mobilenet_v2 trained {args.epochs} epochs on the demo set at {args.f1_size}px "
         f"(final batch loss {final_loss:.3f}, {train_s:.0f} s)",
