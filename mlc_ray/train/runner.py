@@ -6,7 +6,9 @@
       datasets (decoding and augmentation happen in Ray Data tasks, not on the driver)
   [2] ``TorchTrainer(train_loop_per_worker)`` with ``RunConfig(name=run_name, storage_path=...)``:
       checkpoints every epoch, keeps the best K by val mAP, recovers from ``max_failures`` worker
-      failures; starting the same run name again resumes from its latest checkpoint
+      failures; starting the same run name again resumes from its latest checkpoint, and a run
+      whose every epoch is checkpointed starts no workers at all (``_finished_run``: steps [3]-[5]
+      from its checkpoints)
   [3] from the best checkpoint: weights + the validation scores gathered across workers (single
       view: the pixels tagging produces, ``mlc_ray.data.images``); per-label thresholds fitted on all
       of them (``thresholds.json``) and, for the reported calibrated metrics, cross-fitted over
@@ -55,6 +57,8 @@ HEARTBEAT_ENV = "MLC_RAY_TRAIN_HEARTBEAT_DIR"
 
 BUNDLE_FILES = (*TRAINING_FILES, SHA256_MANIFEST)  # what a training stage commits
 CALIBRATION_FOLDS = 5  # cross-fitting folds for the reported calibrated metrics
+# Ray Train's record of a run's reported checkpoints, in its run directory
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # What each reported figure was measured on (the summary, metrics.json "measured_on", MLflow tags).
 MEASURED_ON_05 = "validation rows, threshold 0.5 (nothing fitted on them)"
 
@@ -153,6 +157,30 @@ def _checkpoint_label(checkpoint: Any) -> str:
     if fs is not None and getattr(fs, "type_name", "") == "s3":
         return f"s3://{path}"
     return path
+
+
+def _finished_run(cfg: TrainConfig) -> tuple[Any, list[int]] | None:
+    """``(Result, starts)`` when every epoch of ``cfg`` is already checkpointed in its run directory
+    (``starts``: the checkpoint's, then this start, as the worker loop records a start that finds
+    nothing to train); else None. Ray Train's workers would load that checkpoint and stop, after a
+    controller, a worker group and the datasets had started (15-35 s on 2 CPUs)."""
+    from ray.train import Result
+
+    from mlc_ray import storage
+    from mlc_ray.train.loop import META_FILE
+
+    if not storage.exists(storage.join(cfg.run_dir, RAY_TRAIN_SNAPSHOT)):
+        return None
+    where = _storage_args(cfg.run_dir)
+    result = Result.from_path(where["storage_path"], storage_filesystem=where.get("storage_filesystem"))
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as d:
+        meta = json.loads((Path(d) / META_FILE).read_text())
+    next_epoch = int(meta["epoch"]) + 1
+    if next_epoch < cfg.epochs:
+        return None
+    return result, [*(int(x) for x in meta.get("starts", [])), next_epoch]
 
 
 def _pick_checkpoint(result: Any) -> Any:
@@ -289,20 +317,24 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     check_run_fingerprint(cfg, run_fingerprint(cfg, data))  # a resumed run must be the same run
     train_targets, val_targets_all = data.train_targets, data.val_targets
 
-    init_ray(keep_dashboard=True)  # Ray Train's placement-group cleaner needs the state API
-    quiet_ray_progress()  # before the datasets exist: their split coordinator copies this context
-    bad_log = BadImageLog()
-    datasets = {
-        "train": build_dataset(
-            data.train,
-            labels,
-            split="train",
-            preprocess=preprocess,
-            bad_image_log=bad_log,
-            augment=cfg.augment,
-        ),
-        "val": build_dataset(data.val, labels, split="val", preprocess=preprocess, bad_image_log=bad_log),
-    }
+    # a rerun of a finished run builds its bundle from the checkpoint, without Ray Train's workers
+    finished = _finished_run(cfg)
+    if finished is None or cfg.tta == "10crop":  # the 10-crop evaluation scores on Ray Data
+        init_ray(keep_dashboard=True)  # Ray Train's placement-group cleaner needs the state API
+        quiet_ray_progress()  # before the datasets exist: their split coordinator copies this context
+    if finished is None:
+        bad_log = BadImageLog()
+        datasets = {
+            "train": build_dataset(
+                data.train,
+                labels,
+                split="train",
+                preprocess=preprocess,
+                bad_image_log=bad_log,
+                augment=cfg.augment,
+            ),
+            "val": build_dataset(data.val, labels, split="val", preprocess=preprocess, bad_image_log=bad_log),
+        }
     cpus = _cpus_per_worker(cfg)
     pos_weight = pos_weight_from_frequency(train_targets).tolist() if cfg.pos_weight else None
     tracking_uri = tracking.resolve_tracking_uri()
@@ -330,54 +362,64 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             tracking.label_distribution_png(train_targets, val_targets_all, labels), "label_distribution.png"
         )
 
-        # [2] fit
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=_loop_config(
-                cfg,
-                data,
-                preprocess,
-                spec,
-                pos_weight=pos_weight,
-                bad_image_log=bad_log,
-                mlflow_tracking_uri=tracking_uri,
-                mlflow_run_id=run_id,
-            ),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}
-            ),
-            run_config=RunConfig(
-                name=str(cfg.run_name),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=cfg.keep_checkpoints,
-                    checkpoint_score_attribute="val_mAP",
-                    checkpoint_score_order="max",
+        # [2] fit (or, for a finished run, what its workers would find: every epoch checkpointed)
+        if finished is not None:
+            result, starts_so_far = finished
+            returned = {"epochs_trained": 0, "starts": starts_so_far}
+            log.info(
+                "all %d epochs of run '%s' are already checkpointed: nothing to train (no Ray Train "
+                "workers started); the bundle is built from its checkpoints",
+                cfg.epochs,
+                cfg.run_name,
+            )
+        else:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config=_loop_config(
+                    cfg,
+                    data,
+                    preprocess,
+                    spec,
+                    pos_weight=pos_weight,
+                    bad_image_log=bad_log,
+                    mlflow_tracking_uri=tracking_uri,
+                    mlflow_run_id=run_id,
                 ),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                # Ray Train's own INFO lines (a TrainingReport dump per epoch, checkpoint paths) go to
-                # the log files Ray keeps (its system logs hold every level); the console gets the
-                # loop's one line per epoch
-                logging_config=LoggingConfig(log_level="WARNING"),
-                **_storage_args(cfg.storage_path),
-            ),
-            datasets=datasets,
-            dataset_config=ValShardingConfig.create(),
-        )
-        log.info(
-            "Ray Train: %d worker(s) x %.2g CPU%s, run '%s' in %s",
-            cfg.num_workers,
-            cpus,
-            " + 1 GPU" if cfg.use_gpu else "",
-            cfg.run_name,
-            cfg.storage_path,
-        )
-        result = trainer.fit()
-        bad_entries = ray.get(bad_log.entries.remote())
-        if bad_entries:
-            _log_bytes(_bad_images_csv(bad_entries).encode(), "bad_images.csv")
-        returned = result.return_value if isinstance(result.return_value, dict) else {}
-        if returned.get("aborted"):
-            raise JobError(str(returned["aborted"]), exit_code=1)
+                scaling_config=ScalingConfig(
+                    num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}
+                ),
+                run_config=RunConfig(
+                    name=str(cfg.run_name),
+                    checkpoint_config=CheckpointConfig(
+                        num_to_keep=cfg.keep_checkpoints,
+                        checkpoint_score_attribute="val_mAP",
+                        checkpoint_score_order="max",
+                    ),
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    # Ray Train's own INFO lines (a TrainingReport dump per epoch, checkpoint paths) go to
+                    # the log files Ray keeps (its system logs hold every level); the console gets the
+                    # loop's one line per epoch
+                    logging_config=LoggingConfig(log_level="WARNING"),
+                    **_storage_args(cfg.storage_path),
+                ),
+                datasets=datasets,
+                dataset_config=ValShardingConfig.create(),
+            )
+            log.info(
+                "Ray Train: %d worker(s) x %.2g CPU%s, run '%s' in %s",
+                cfg.num_workers,
+                cpus,
+                " + 1 GPU" if cfg.use_gpu else "",
+                cfg.run_name,
+                cfg.storage_path,
+            )
+            result = trainer.fit()
+            bad_entries = ray.get(bad_log.entries.remote())
+            if bad_entries:
+                _log_bytes(_bad_images_csv(bad_entries).encode(), "bad_images.csv")
+            returned = result.return_value if isinstance(result.return_value, dict) else {}
+            if returned.get("aborted"):
+                raise JobError(str(returned["aborted"]), exit_code=1)
         checkpoint = _pick_checkpoint(result)
         if checkpoint is None:
             raise JobError(

@@ -177,8 +177,14 @@ def test_two_workers_give_the_same_validation_as_one(
 
 
 def test_rerun_of_a_finished_run_does_not_retrain(
-    one_worker: TrainResult, tiny_data: str, storage: str, tracking_uri: str
+    one_worker: TrainResult, tiny_data: str, storage: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ray.train.torch import TorchTrainer
+
+    def no_fit(self):  # noqa: ANN001, ANN202
+        raise AssertionError("a finished run started Ray Train")
+
+    monkeypatch.setattr(TorchTrainer, "fit", no_fit)  # every epoch is checkpointed: no workers start
     again = run_training(tiny_config(tiny_data, storage, num_workers=1, run_name="w1"))
     assert again.epochs_trained == 0
     assert again.starts == [0, 2]  # the original start, then this no-op start after epoch 2
