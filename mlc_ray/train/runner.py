@@ -335,7 +335,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             ),
             "val": build_dataset(data.val, labels, split="val", preprocess=preprocess, bad_image_log=bad_log),
         }
-    cpus = _cpus_per_worker(cfg)
     pos_weight = pos_weight_from_frequency(train_targets).tolist() if cfg.pos_weight else None
     tracking_uri = tracking.resolve_tracking_uri()
     tags = {
@@ -373,6 +372,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 cfg.run_name,
             )
         else:
+            cpus = _cpus_per_worker(cfg)  # from the cluster's CPUs: Ray is up on this path
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config=_loop_config(

@@ -192,6 +192,32 @@ def test_rerun_of_a_finished_run_does_not_retrain(
     assert again.metrics["macro_f1"] == pytest.approx(one_worker.metrics["macro_f1"])
 
 
+def test_rerun_of_a_finished_run_needs_no_ray(
+    one_worker: TrainResult, tiny_data: str, storage: str, tracking_uri: str, tmp_path: Path
+) -> None:
+    """As a user reruns it: a fresh process with no Ray (the in-process test above has the module's
+    Ray at hand, which hid a cluster query on this path)."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg.pkl"
+    cfg.write_bytes(pickle.dumps(tiny_config(tiny_data, storage, num_workers=1, run_name="w1")))
+    script = (
+        "import pickle, sys, ray\n"
+        "from mlc_ray.train.runner import run_training\n"
+        "r = run_training(pickle.loads(open(sys.argv[1], 'rb').read()))\n"
+        "print('RESULT', r.epochs_trained, r.starts, ray.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(cfg)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "RESULT 0 [0, 2] False" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_too_many_bad_images_fail_the_run_with_the_keys(
     ray_local: None, tiny_data: str, storage: str, tracking_uri: str
 ) -> None:
