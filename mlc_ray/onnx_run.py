@@ -3,9 +3,10 @@
 Every session of a bundle's graph (tagging's actors, ``evaluation.BundleScorer`` for promotion and
 pyfunc, export's parity check and int8 gate) is opened by ``open_session`` (one set of session
 options: sequential execution, full graph optimisation, one inter-op thread) and runs through
-``run_graph``, so the three score a batch the same way. On the CPU a batch goes to the session ``cpu_images_per_call(threads)`` images
-per call — one image per intra-op thread — whatever the caller's batch size (the tagging actors'
-``--batch-size``, the evaluation batches); a GPU session takes the whole batch in one call.
+``run_graph``, so the three score a batch the same way. On the CPU a batch goes to the session
+``cpu_images_per_call(threads)`` images per call — one image per intra-op thread — whatever the
+caller's batch size (the tagging actors' ``--batch-size``, the evaluation batches); a GPU session
+takes the whole batch in one call.
 
 Why (measured 2026-12-03 on an AMD EPYC with AVX-512 VNNI, 2 vCPUs, one intra-op thread, 256 of
 ``benchmarks/tagging.py``'s 500x375 JPEGs at 224 px, best of 3): one call per image costs MobileNetV2

@@ -172,7 +172,15 @@ def _finished_run(cfg: TrainConfig) -> tuple[Any, list[int]] | None:
     if not storage.exists(storage.join(cfg.run_dir, RAY_TRAIN_SNAPSHOT)):
         return None
     where = _storage_args(cfg.run_dir)
-    result = Result.from_path(where["storage_path"], storage_filesystem=where.get("storage_filesystem"))
+    # its INFO on reading the snapshot tells a Ray Train user to rename the run or delete the folder:
+    # advice for starting over, not for this read
+    ray_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = ray_log.level
+    ray_log.setLevel(logging.WARNING)
+    try:
+        result = Result.from_path(where["storage_path"], storage_filesystem=where.get("storage_filesystem"))
+    finally:
+        ray_log.setLevel(level)
     if result.checkpoint is None:
         return None
     with result.checkpoint.as_directory() as d:
