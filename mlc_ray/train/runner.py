@@ -421,8 +421,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 cfg.run_name,
                 cfg.storage_path,
             )
-            result = trainer.fit()
-            bad_entries = ray.get(bad_log.entries.remote())
+            try:
+                result = trainer.fit()
+                bad_entries = ray.get(bad_log.entries.remote())
+            finally:
+                # the log is this run's actor: without this it outlived the run in a driver that goes
+                # on (five idle log processes after the mining pipeline's stages in one process)
+                ray.kill(bad_log)
             if bad_entries:
                 _log_bytes(_bad_images_csv(bad_entries).encode(), "bad_images.csv")
             returned = result.return_value if isinstance(result.return_value, dict) else {}

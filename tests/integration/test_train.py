@@ -218,13 +218,41 @@ def test_rerun_of_a_finished_run_needs_no_ray(
     assert "RESULT 0 [0, 2] False" in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.fixture
+def bad_image_logs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every bad-image log actor a run starts (a handle kept here: the actor lives on unless killed)."""
+    from mlc_ray.train import data
+
+    started: list = []
+    real = data.BadImageLog
+
+    def recording():  # the runner imports BadImageLog from the module when it runs
+        started.append(real())
+        return started[-1]
+
+    monkeypatch.setattr(data, "BadImageLog", recording)
+    return started
+
+
+def assert_stopped(logs: list) -> None:
+    """The run stopped each bad-image log it started: in a driver that goes on (a notebook, a
+    scheduler, the demo pipeline) each one was an idle process for the rest of its life."""
+    import ray
+
+    assert logs, "the run started no bad-image log"
+    for log in logs:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(log.count.remote(), timeout=60)
+
+
 def test_too_many_bad_images_fail_the_run_with_the_keys(
-    ray_local: None, tiny_data: str, storage: str, tracking_uri: str
+    ray_local: None, tiny_data: str, storage: str, tracking_uri: str, bad_image_logs: list
 ) -> None:
     with pytest.raises(JobError, match=r"bad_(train|val)\.jpg.*max-error-rate"):
         run_training(
             tiny_config(tiny_data, storage, epochs=1, warmup_epochs=0, max_error_rate=0.0, run_name="strict")
         )
+    assert_stopped(bad_image_logs)  # a failed run too
 
 
 def test_checkpoint_state_loads_with_weights_only(one_worker: TrainResult) -> None:
@@ -239,7 +267,7 @@ def test_checkpoint_state_loads_with_weights_only(one_worker: TrainResult) -> No
 
 
 def test_asl_onecycle_and_ema_from_the_command_line(
-    ray_local: None, tiny_data: str, tracking_uri: str, storage: str, capsys
+    ray_local: None, tiny_data: str, tracking_uri: str, storage: str, capsys, bad_image_logs: list
 ) -> None:
     """jobs/train.py with --loss asl (its gammas and clip through --set), --schedule onecycle and ema:
     the run trains with what was asked and ships the EMA weights."""
@@ -279,6 +307,7 @@ def test_asl_onecycle_and_ema_from_the_command_line(
     assert all(torch.equal(shipped[k], ema[k]) for k in shipped)  # the EMA weights ship, not the raw ones
     assert any(not torch.equal(shipped[k], raw[k]) for k in shipped if k in raw)
     assert (out / "thresholds.json").is_file() and json.loads((out / "metrics.json").read_text())
+    assert_stopped(bad_image_logs)
 
 
 def test_calibrated_metrics_come_from_rows_the_thresholds_were_not_fitted_on(one_worker: TrainResult) -> None:
