@@ -1,7 +1,7 @@
 """The training job around one stage: hard-sample mining or one ``run_training``, then export + registration.
 
 ``run_train_job(cfg)`` is what ``jobs/train.py`` calls: ``cfg.mining.enabled`` runs the mining
-pipeline (base -> score -> mine -> fine-tune, ``mlc_ray.train.mining``), else one training stage
+pipeline (base -> score -> mine -> fine-tune, ``mlc_ray.train.mining_pipeline``), else one training stage
 (``mlc_ray.train.runner.run_training``); with ``cfg.register_as`` the bundle is exported (ONNX, int8
 when it passes its gate, ncnn) and registered as a new MLflow model version with the evidence promotion
 needs. It sits above both ``runner`` and ``mining`` so neither imports the other's caller.
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def run_train_job(cfg: TrainConfig) -> TrainResult:
     """The training job: mining pipeline or one stage, then export + registration if ``register_as``."""
     if cfg.mining.enabled:
-        from mlc_ray.train.mining import run_mining_pipeline
+        from mlc_ray.train.mining_pipeline import run_mining_pipeline
 
         result = run_mining_pipeline(cfg)
     else:

@@ -84,7 +84,7 @@ class TrainResult:
     val_manifest: Any = None  # the validation Manifest (rows that val_indices point into)
     train_manifest: Any = None  # the training Manifest (int8 calibration images for export)
     run_name: str = ""
-    mining_report: Any = None  # mlc_ray.train.mining.MiningReport when the job ran hard-sample mining
+    mining_report: Any = None  # mlc_ray.train.mining_report.MiningReport when the job ran hard-sample mining
     measured_on: dict[str, str] = field(default_factory=dict)  # figure -> the data it was measured on
     metrics_10crop: dict[str, Any] | None = None  # tta=10crop: {"at_0.5": ..., "calibrated": ...}
 

@@ -173,7 +173,7 @@ def test_config_validation(kwargs: dict, message: str) -> None:
 
 
 def test_mining_report_tables() -> None:
-    from mlc_ray.train.mining import mining_report
+    from mlc_ray.train.mining_report import mining_report
 
     targets = np.array([[1, 0], [0, 1], [1, 1], [1, 1], [0, 0], [1, 0]])
     base = np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.3], [0.4, 0.9], [0.1, 0.1], [0.7, 0.2]])
@@ -198,7 +198,7 @@ def test_mining_report_tables() -> None:
 
 
 def test_mining_report_with_the_random_subset_control() -> None:
-    from mlc_ray.train.mining import mining_report
+    from mlc_ray.train.mining_report import mining_report
 
     targets = np.array([[1, 0], [0, 1], [1, 1], [1, 1], [0, 0], [1, 0]])
     base = np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.3], [0.4, 0.9], [0.1, 0.1], [0.7, 0.2]])
@@ -223,7 +223,7 @@ def test_report_csv_quotes_names_with_commas_and_quotes() -> None:
     import csv
     import io
 
-    from mlc_ray.train.mining import mining_report
+    from mlc_ray.train.mining_report import mining_report
 
     labels = ['cat, "big"', "dog"]
     targets = np.array([[1, 0], [0, 1], [1, 1], [1, 1], [0, 0], [1, 0]])
