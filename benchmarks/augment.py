@@ -8,7 +8,7 @@ Every variant does the same work per image with the same ``AugmentConfig``:
 * ``old``: ``LegacyAugment`` below, the PIL + numpy ``TrainAugment`` before the switch to v2 (one
   box resize for the crop, PIL flip and affine, jitter on float32 pixels); kept here as the
   reference, not in the library;
-* ``new``: ``mlc_ray.data.images.TrainAugment`` (what ``train/data.py`` runs in its decode tasks):
+* ``new``: ``mlc_ray.data.augment.TrainAugment`` (what ``train/data.py`` runs in its decode tasks):
   its v2 ``Compose`` on a uint8 tensor (recipes with a random resized crop) or a PIL image (the
   whole-image recipe), seeded per call on torch's default generator, whose state is put back;
 * ``v2_tensor`` / ``v2_pil``: the same ``Compose`` on a uint8 CHW tensor
@@ -49,7 +49,7 @@ class LegacyAugment:
     """The hand-written ``TrainAugment`` (PIL + numpy) that v2 replaced: the benchmark's reference."""
 
     def __init__(self, cfg, seed: int | None = None, augment=None) -> None:
-        from mlc_ray.data.images import AugmentConfig
+        from mlc_ray.data.augment import AugmentConfig
 
         self.cfg, self.augment = cfg, augment or AugmentConfig()
         self.rng = np.random.default_rng(seed)
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from mlc_ray.data.images import AugmentConfig, PreprocessConfig, TrainAugment, _v2_pipeline
+    from mlc_ray.data.augment import AugmentConfig, TrainAugment, _v2_pipeline
+    from mlc_ray.data.images import PreprocessConfig
     from mlc_ray.train.config import small_image_augment
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

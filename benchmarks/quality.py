@@ -197,7 +197,8 @@ def plain_loop(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
     transform = None
     if "augment" in swap:
-        from mlc_ray.data.images import AugmentConfig, PreprocessConfig, TrainAugment
+        from mlc_ray.data.augment import AugmentConfig, TrainAugment
+        from mlc_ray.data.images import PreprocessConfig
 
         settings = {k: tuple(v) if isinstance(v, list) else v for k, v in (augment or {}).items()}
         transform = TrainAugment(

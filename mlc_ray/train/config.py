@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from mlc_ray.data.images import AugmentConfig
+from mlc_ray.data.augment import AugmentConfig
 
 __all__ = [
     "TrainConfig",

@@ -134,13 +134,8 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """[2] One batch of rows -> decoded pixels. Bad images are dropped and sent to ``bad_image_log``."""
     from mlc_ray import storage
-    from mlc_ray.data.images import (
-        AugmentConfig,
-        PreprocessConfig,
-        TrainAugment,
-        decode_for_model,
-        preprocess_eval,
-    )
+    from mlc_ray.data.augment import AugmentConfig, TrainAugment
+    from mlc_ray.data.images import PreprocessConfig, decode_for_model, preprocess_eval
 
     cfg = PreprocessConfig.from_dict(preprocess)
     size = cfg.image_size
@@ -194,7 +189,7 @@ def build_dataset(
 
     import ray
 
-    from mlc_ray.data.images import AugmentConfig
+    from mlc_ray.data.augment import AugmentConfig
 
     table = image_rows(manifest, vocabulary)
     blocks = [table.slice(start, ROWS_PER_BLOCK) for start in range(0, table.num_rows, ROWS_PER_BLOCK)]

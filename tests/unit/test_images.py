@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from mlc_ray.data.augment import AugmentConfig, TrainAugment
 from mlc_ray.data.demo import bad_image_samples, good_image_samples, pattern_problems
 from mlc_ray.data.images import (
     ERROR_CODES,
-    AugmentConfig,
     DecodedImage,
     ImageError,
     PreprocessConfig,
-    TrainAugment,
     decode_image,
     normalize_batch_numpy,
     preprocess_eval,
