@@ -70,6 +70,7 @@ class PromotionDecision:
     n_images: int = 0
     n_errors: int = 0
     train_overlap: str = ""  # how many eval images the candidate was trained on, and how that was checked
+    thresholds_fit: str = ""  # set when the eval rows are the ones the candidate's thresholds were fitted on
     dry_run: bool = False
     candidate_source: str | None = None  # models:/STAGING/VERSION when the candidate is another model's
     # further evidence a promote() gate attached (the shadow comparison, mlc_ray/shadow.py): objects
@@ -105,6 +106,8 @@ class PromotionDecision:
                 )
             if self.train_overlap:
                 lines.append(f"held out   {self.train_overlap}")
+            if self.thresholds_fit:
+                lines.append(f"thresholds {self.thresholds_fit}")
             if self.candidate_value is not None:
                 cand = f"{self.candidate_value:.4f}"
                 champ_v = "-" if self.champion_value is None else f"{self.champion_value:.4f}"

@@ -100,6 +100,27 @@ def promotion_gate(
     return GateVerdict(promoted, reason, cand_value, champ_value, label_drops)
 
 
+def thresholds_fit_note(bundle_dir: str, version: str, metric: str) -> str:
+    """What the promotion report says when the evaluation rows are the ones ``version``'s thresholds
+    were fitted on (its bundle's ``metrics.json`` says so): the figure at those thresholds is
+    in-sample, and the cross-fitted figure training measured on the same rows is the honest one.
+    "" when the bundle does not say where its thresholds were fitted."""
+    from mlc_ray.bundle import BundleError, ModelBundle
+
+    try:
+        metrics = ModelBundle(bundle_dir).metrics()
+    except (BundleError, OSError, ValueError):
+        return ""
+    fitted = str((metrics.get("measured_on") or {}).get("thresholds.json", ""))
+    if "validation rows" not in fitted:
+        return ""
+    note = f"{version}'s were fitted on these rows ({fitted.split(',')[0]}): its {metric} here is in-sample"
+    cross = (metrics.get("calibrated") or {}).get(metric)
+    if isinstance(cross, int | float):
+        note += f" (cross-fitted on them at training: {cross:.4f})"
+    return note + "; pass --eval-data with rows no version was fitted on for a held-out comparison"
+
+
 def promote(
     name: str,
     eval_data: str | None = None,
@@ -232,6 +253,9 @@ def promote(
             raise
         cand_eval = evaluate_bundle(cand.local_dir, manifest, batch_size=batch_size, images=images)
         decision.candidate_value = cand_eval.metric(metric)
+        if not eval_data and eval_uri == cand_tags.get(EVAL_DATA_TAG):
+            # the candidate's own recorded validation rows: where training fitted its thresholds
+            decision.thresholds_fit = thresholds_fit_note(cand.local_dir, f"v{cand_version}", metric)
         decision.n_images, decision.n_errors = cand_eval.n_images, cand_eval.n_errors
         if champ is None:
             decision.promoted = True

@@ -284,10 +284,23 @@ def test_trained_model_end_to_end_through_the_server(
     # training recorded its seeded split's val rows as the evaluation data, and its training images
     assert version.tags["eval_data_uri"] == f"runs:/{result.mlflow_run_id}/evidence/val_manifest.csv"
     assert version.tags["eval_data_sha256"] == result.val_manifest.sha256
+    given = promote("trained-e2e", candidate="challenger", eval_data=data, dry_run=True)  # rows given
+    assert given.n_images == 16 and given.candidate_value is not None and given.thresholds_fit == ""
     decision = promote("trained-e2e", candidate="challenger")  # the version's own val split
     assert decision.promoted and decision.exit_code == 0
     assert decision.n_images == len(result.val_manifest) == 16
     assert decision.train_overlap.startswith("0 of 16 evaluation images"), decision.train_overlap
+    # ... and its thresholds were fitted on those rows: the report says the figure is in-sample and
+    # gives the cross-fitted one training measured on them
+    metrics = json.loads((Path(cfg.bundle_dir) / "metrics.json").read_text())
+    assert decision.thresholds_fit.startswith(
+        "v1's were fitted on these rows (fitted on all 16 validation rows)"
+    )
+    assert (
+        f"(cross-fitted on them at training: {metrics['calibrated']['macro_f1']:.4f})"
+        in decision.thresholds_fit
+    )
+    assert f"thresholds {decision.thresholds_fit}" in decision.report()
 
     bundle = Path(cfg.bundle_dir)
     uris = [str(Path(data).parent / f"images/{i:05d}.jpg") for i in range(6)]

@@ -59,3 +59,24 @@ def test_other_metric_and_unknown_metric() -> None:
     assert not promotion_gate(cand, CHAMP).promoted
     with pytest.raises(UserError, match="unknown metric 'nope'"):
         promotion_gate(cand, CHAMP, metric="nope")
+
+
+def test_thresholds_fit_note_says_in_sample_only_where_the_bundle_says_so(tmp_path) -> None:
+    import json
+
+    from mlc_ray.registry.promotion import thresholds_fit_note
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""  # no metrics.json
+    fitted = {"thresholds.json": "fitted on all 300 validation rows, single-view scores"}
+    (bundle / "metrics.json").write_text(
+        json.dumps({"measured_on": fitted, "calibrated": {"macro_f1": 0.92741}})
+    )
+    assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == (
+        "v3's were fitted on these rows (fitted on all 300 validation rows): its macro_f1 here is "
+        "in-sample (cross-fitted on them at training: 0.9274); pass --eval-data with rows no version "
+        "was fitted on for a held-out comparison"
+    )
+    (bundle / "metrics.json").write_text(json.dumps({"measured_on": {"thresholds.json": "given (0.5)"}}))
+    assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""
