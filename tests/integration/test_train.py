@@ -318,9 +318,11 @@ def test_calibrated_metrics_come_from_rows_the_thresholds_were_not_fitted_on(one
     fit = cross_fit_thresholds(r.val_scores, r.val_targets, r.labels, "f1_max", folds=5, seed=3)
     assert r.thresholds.values == fit.thresholds.values  # shipped: fitted on all validation rows
     held_out = compute_metrics(r.val_scores, r.val_targets, fit.row_thresholds)
-    in_sample = compute_metrics(r.val_scores, r.val_targets, r.thresholds.as_array())
     assert r.metrics["macro_f1"] == pytest.approx(held_out["macro_f1"])
-    assert r.metrics["macro_f1"] <= in_sample["macro_f1"] + 1e-12  # in-sample is the optimum by construction
+    # The in-sample figure (the shipped thresholds on these same rows) does not bound this one: each
+    # fold gets thresholds of its own, so the cross-fitted figure can land on either side of it (a
+    # fresh-clone run of 2026-12-04: 0.1088 cross-fitted vs 0.1048 in-sample on this fixture's tiny
+    # model). That f1_max is each label's best single threshold on its rows: tests/unit/test_calibrate.py.
     metrics = json.loads(Path(r.bundle_dir, "metrics.json").read_text())
     assert "cross-fitted" in metrics["measured_on"]["calibrated"] and metrics["calibration_folds"] == 5
     assert "measured on:" in r.summary() and "cross-fitted" in r.summary()
