@@ -102,19 +102,21 @@ def promotion_gate(
 
 def thresholds_fit_note(bundle_dir: str, version: str, metric: str) -> str:
     """What the promotion report says when the evaluation rows are the ones ``version``'s thresholds
-    were fitted on (its bundle's ``metrics.json`` says so): the figure at those thresholds is
-    in-sample, and the cross-fitted figure training measured on the same rows is the honest one.
-    "" when the bundle does not say where its thresholds were fitted."""
+    were fitted on (its bundle's ``metrics.json`` says so in ``thresholds_fitted_on``): the figure at
+    those thresholds is in-sample, and the cross-fitted figure training measured on the same rows is
+    the honest one. "" when the bundle does not say its thresholds were fitted on validation rows."""
     from mlc_ray.bundle import BundleError, ModelBundle
 
     try:
         metrics = ModelBundle(bundle_dir).metrics()
     except (BundleError, OSError, ValueError):
         return ""
-    fitted = str((metrics.get("measured_on") or {}).get("thresholds.json", ""))
-    if "validation rows" not in fitted:
+    fitted = metrics.get("thresholds_fitted_on")
+    if not isinstance(fitted, dict) or fitted.get("rows") != "validation":
         return ""
-    note = f"{version}'s were fitted on these rows ({fitted.split(',')[0]}): its {metric} here is in-sample"
+    count = fitted.get("count")
+    where = f"all {count} validation rows" if isinstance(count, int) else "the validation rows"
+    note = f"{version}'s were fitted on these rows (fitted on {where}): its {metric} here is in-sample"
     cross = (metrics.get("calibrated") or {}).get(metric)
     if isinstance(cross, int | float):
         note += f" (cross-fitted on them at training: {cross:.4f})"

@@ -493,6 +493,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 "calibrated": jsonable_metrics(mcal, labels),
                 "at_0.5": jsonable_metrics(m05, labels),
                 "measured_on": measured_on,
+                # the same as measured_on["thresholds.json"], for programs (promotion's in-sample note)
+                "thresholds_fitted_on": {"rows": "validation", "count": n_val, "scores": "single-view"},
                 "calibration": thresholds.method,
                 "calibration_folds": crossfit.folds,
                 "tta": cfg.tta,

@@ -325,6 +325,12 @@ def test_calibrated_metrics_come_from_rows_the_thresholds_were_not_fitted_on(one
     # model). That f1_max is each label's best single threshold on its rows: tests/unit/test_calibrate.py.
     metrics = json.loads(Path(r.bundle_dir, "metrics.json").read_text())
     assert "cross-fitted" in metrics["measured_on"]["calibrated"] and metrics["calibration_folds"] == 5
+    n_val = len(r.val_scores)
+    assert metrics["thresholds_fitted_on"] == {"rows": "validation", "count": n_val, "scores": "single-view"}
+    assert (
+        metrics["measured_on"]["thresholds.json"]
+        == f"fitted on all {n_val} validation rows, single-view scores"
+    )
     assert "measured on:" in r.summary() and "cross-fitted" in r.summary()
 
 

@@ -69,14 +69,19 @@ def test_thresholds_fit_note_says_in_sample_only_where_the_bundle_says_so(tmp_pa
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""  # no metrics.json
-    fitted = {"thresholds.json": "fitted on all 300 validation rows, single-view scores"}
+    fitted = {"rows": "validation", "count": 300, "scores": "single-view"}
     (bundle / "metrics.json").write_text(
-        json.dumps({"measured_on": fitted, "calibrated": {"macro_f1": 0.92741}})
+        json.dumps({"thresholds_fitted_on": fitted, "calibrated": {"macro_f1": 0.92741}})
     )
     assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == (
         "v3's were fitted on these rows (fitted on all 300 validation rows): its macro_f1 here is "
         "in-sample (cross-fitted on them at training: 0.9274); pass --eval-data with rows no version "
         "was fitted on for a held-out comparison"
     )
-    (bundle / "metrics.json").write_text(json.dumps({"measured_on": {"thresholds.json": "given (0.5)"}}))
+    for other in ({"rows": "given"}, "fitted on all 300 validation rows", None):  # not fitted on val rows
+        (bundle / "metrics.json").write_text(json.dumps({"thresholds_fitted_on": other}))
+        assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""
+    # the prose for people in "measured_on" is not read: only the field written for programs
+    prose = {"thresholds.json": "fitted on all 300 validation rows, single-view scores"}
+    (bundle / "metrics.json").write_text(json.dumps({"measured_on": prose}))
     assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""
