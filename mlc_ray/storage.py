@@ -68,6 +68,7 @@ __all__ = [
     "StorageUnreachableError",
     "StorageCredentialsError",
     "InvalidURIError",
+    "check_local_dir",
     "is_s3",
     "join",
     "parent",
@@ -402,6 +403,23 @@ def exists(uri: str) -> bool:
         # HEAD cannot tell a missing key from a missing bucket; a missing bucket is a user error
         _check_bucket(bucket, uri)
         return False
+
+
+def check_local_dir(uri: str, what: str) -> None:
+    """A local folder a job will write under (``what``: its flag, e.g. ``--output``) must be a folder
+    or creatable as one: a UserError saying which part of the path is in the way, before anything is
+    written. S3 URIs pass (a missing bucket is reported by the first read or write)."""
+    if is_s3(uri):
+        return
+    path = os.path.abspath(_local(uri))
+    probe = path
+    while not os.path.exists(probe):  # the nearest part of the path that exists
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"cannot be created: {probe} is a file"
+        raise UserError(f"{what} {uri}: {where}; give a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {uri}: {probe} is not writable by this job; give a folder it can write")
 
 
 def read_bytes(uri: str, *, single_attempt_timeout_s: float | None = None) -> bytes:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from mlc_ray.errors import UserError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -94,6 +97,10 @@ def iter_input_keys(uri: str, *, page_size: int = 1000) -> Iterator[list[InputKe
             yield [InputKey(u) for u in images[start : start + page_size]]
         return
 
+    if not storage.is_s3(uri) and os.path.isfile(uri.removeprefix("file://")):
+        raise UserError(
+            f"--input {uri}: a file, not a folder of images or a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+        )
     any_key = False
     for page in storage.iter_pages(uri, page_size=page_size, suffixes=IMAGE_SUFFIXES):
         keys = [InputKey(info.uri, info.etag or None) for info in page]

@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 def open_run(cfg: TagConfig, model: TagModel, input_uri: str, settings: dict[str, Any]) -> RunState:
     """The run's state: new (not saved yet) or the saved one, resumed (its attempt counted)."""
+    from mlc_ray import storage
     from mlc_ray.config import config_to_dict
 
+    storage.check_local_dir(cfg.output, "--output")
     run_id = cfg.run_id or default_run_id(settings)
     if cfg.incremental and cfg.run_id is None:
         # each scheduled incremental run is its own run; a killed one is redone by the next

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from mlc_ray.errors import UserError
+
 __all__ = [
     "RunState",
     "row_affecting_settings",
@@ -160,7 +162,16 @@ class RunState:
     def save(self) -> None:
         from mlc_ray import storage
 
-        storage.write_text(self.uri(self.output, self.run_id), json.dumps(asdict(self), indent=2) + "\n")
+        uri = self.uri(self.output, self.run_id)
+        try:
+            storage.write_text(uri, json.dumps(asdict(self), indent=2) + "\n")
+        except OSError as exc:
+            if storage.is_s3(uri):  # storage's own S3 errors already name the URI and the fix
+                raise
+            raise UserError(
+                f"--output {self.output}: cannot write the run's state ({exc.filename or uri}: "
+                f"{exc.strerror or exc})"
+            ) from None
 
 
 def key_hashes(uris: list[str], etags: list[str | None]) -> np.ndarray:

@@ -52,11 +52,14 @@ def check_run_fingerprint(cfg: Any, fingerprint: dict[str, Any]) -> None:
     """Record ``fingerprint`` for a new run; for an existing one, refuse a different one (see module)."""
     from mlc_ray import storage
 
+    storage.check_local_dir(cfg.storage_path, "--storage-path")
     uri = storage.join(cfg.run_dir, FINGERPRINT_FILE)
     try:
         saved = json.loads(storage.read_text(uri))
     except FileNotFoundError:
         saved = None
+    except OSError as exc:  # e.g. a file where a directory of the path should be
+        raise _unwritable(cfg, uri, exc) from None
     except ValueError:
         saved = {}  # damaged: treat every setting as changed
     if saved is not None and saved != fingerprint:
@@ -73,7 +76,17 @@ def check_run_fingerprint(cfg: Any, fingerprint: dict[str, Any]) -> None:
             )
         log.warning("resuming run %s with changed settings (--resume-changed): %s", cfg.run_name, changed)
     if saved != fingerprint:
-        storage.write_text(uri, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        try:  # the run's first write to its storage: a directory that cannot be made is the user's to fix
+            storage.write_text(uri, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise _unwritable(cfg, uri, exc) from None
+
+
+def _unwritable(cfg: Any, uri: str, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"--storage-path {cfg.storage_path}: cannot write this run's files there ({exc.filename or uri}: "
+        f"{exc.strerror or exc}); give a directory this job can create and write"
+    )
 
 
 def _short(value: Any) -> str:

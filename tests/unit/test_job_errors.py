@@ -36,6 +36,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "typo.yaml").write_text("epoch: 3\n")
     (root / "tag_typo.yaml").write_text("batch_szie: 3\n")
     (root / "empty_dir").mkdir()
+    (root / "a_file").write_text("not a folder\n")
     return {
         "D": data,
         "EMPTY": str(root / "empty.csv"),
@@ -43,6 +44,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "TYPO": str(root / "typo.yaml"),
         "TAGTYPO": str(root / "tag_typo.yaml"),
         "EMPTYDIR": str(root / "empty_dir"),
+        "FILE": str(root / "a_file"),
         "B": make_bundle(root / "bundle"),
         "ROOT": str(root),
     }
@@ -84,7 +86,12 @@ CASES = [
     ("train-no-images", "train", ["--data", "{EMPTY}"], ["empty.csv", "zero rows"]),
     ("train-pretrained-missing", "train", ["--data", "{D}", "--pretrained", "{W}/weights.pt"], ["pretrained:", "weights.pt does not exist"]),
     ("train-pretrained-not-weights", "train", ["--data", "{D}", "--pretrained", "{EMPTY}"], ["pretrained:", "not a loadable state dict"]),
+    ("train-storage-is-a-file", "train", ["--data", "{D}", "--storage-path", "{FILE}"], ["--storage-path", "a_file: is a file"]),
+    ("train-storage-under-a-file", "train", ["--data", "{D}", "--storage-path", "{FILE}/runs"], ["--storage-path", "cannot be created", "a_file is a file"]),
     # -- tag
+    ("tag-output-is-a-file", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{FILE}"], ["--output", "a_file: is a file"]),
+    ("tag-output-under-a-file", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{FILE}/tags"], ["--output", "cannot be created", "a_file is a file"]),
+    ("tag-input-is-a-file", "tag", ["--model", "{B}", "--input", "{FILE}", "--output", "{O}"], ["--input", "a_file: a file, not a folder of images or a manifest"]),
     ("tag-bundle-missing", "tag", ["--model", "{W}/no-bundle", "--input", "{D}", "--output", "{O}"], ["--model", "no-bundle does not exist"]),
     ("tag-input-missing", "tag", ["--model", "{B}", "--input", "{W}/photos/", "--output", "{O}"], ["photos", "does not exist"]),
     ("tag-input-empty-dir", "tag", ["--model", "{B}", "--input", "{EMPTYDIR}", "--output", "{O}"], ["no images", "empty_dir"]),
