@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -112,6 +113,10 @@ def thresholds_fit_note(bundle_dir: str, version: str, metric: str) -> str:
     except (BundleError, OSError, ValueError):
         return ""
     fitted = metrics.get("thresholds_fitted_on")
+    if fitted is None:  # a bundle from before the field: its line for people says the same
+        prose = str((metrics.get("measured_on") or {}).get("thresholds.json", ""))
+        found = re.match(r"fitted on all (\d+) validation rows", prose)
+        fitted = {"rows": "validation", "count": int(found.group(1))} if found else None
     if not isinstance(fitted, dict) or fitted.get("rows") != "validation":
         return ""
     count = fitted.get("count")

@@ -81,7 +81,16 @@ def test_thresholds_fit_note_says_in_sample_only_where_the_bundle_says_so(tmp_pa
     for other in ({"rows": "given"}, "fitted on all 300 validation rows", None):  # not fitted on val rows
         (bundle / "metrics.json").write_text(json.dumps({"thresholds_fitted_on": other}))
         assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""
-    # the prose for people in "measured_on" is not read: only the field written for programs
+    # the field decides; the line for people in "measured_on" is read only for a bundle written before
+    # the field existed
     prose = {"thresholds.json": "fitted on all 300 validation rows, single-view scores"}
+    (bundle / "metrics.json").write_text(
+        json.dumps({"measured_on": prose, "thresholds_fitted_on": {"rows": "given"}})
+    )
+    assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""
     (bundle / "metrics.json").write_text(json.dumps({"measured_on": prose}))
+    assert thresholds_fit_note(str(bundle), "v3", "macro_f1").startswith(
+        "v3's were fitted on these rows (fitted on all 300 validation rows): its macro_f1 here is in-sample;"
+    )
+    (bundle / "metrics.json").write_text(json.dumps({"measured_on": {"thresholds.json": "given (0.5)"}}))
     assert thresholds_fit_note(str(bundle), "v3", "macro_f1") == ""
