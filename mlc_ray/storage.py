@@ -68,6 +68,7 @@ __all__ = [
     "StorageUnreachableError",
     "StorageCredentialsError",
     "InvalidURIError",
+    "LocalPathError",
     "check_local_dir",
     "is_s3",
     "join",
@@ -115,6 +116,10 @@ class StorageUnreachableError(UserError, ConnectionError):
 
 class StorageCredentialsError(UserError, PermissionError):
     """No AWS credentials were found for an s3:// URI."""
+
+
+class LocalPathError(UserError, NotADirectoryError):
+    """A local write whose folder cannot be made: a file is where a folder of the path should be."""
 
 
 class InvalidURIError(UserError, ValueError):
@@ -440,7 +445,14 @@ def read_text(uri: str, encoding: str = "utf-8") -> str:
 
 def _local_atomic_target(path: str) -> str:
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
+        probe = folder
+        while not os.path.isfile(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        raise LocalPathError(f"cannot write {path}: {probe} is a file, not a folder") from None
     return path
 
 

@@ -33,6 +33,7 @@ class Source:
     version: str | None
 
     def dataset(self) -> Any:
+        import pyarrow as pa
         import pyarrow.dataset as pads
 
         from mlc_ray import storage
@@ -44,6 +45,8 @@ class Source:
             raise UserError(
                 f"tag table {self.uri} does not exist or holds no Parquet files ({exc})"
             ) from None
+        except pa.ArrowInvalid as exc:  # e.g. a file that is not Parquet
+            raise UserError(f"{self.uri} is not a tag table (jobs/tag.py's --output folder): {exc}") from None
         if not ds.files:
             raise UserError(f"tag table {self.uri} holds no Parquet files (is it jobs/tag.py's --output?)")
         missing = {"image_uri", "source_etag", "labels", "scores", "error", "tagged_at"} - set(

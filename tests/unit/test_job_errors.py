@@ -112,6 +112,8 @@ CASES = [
     ("promote-bad-split", "promote", ["--name", "m", "--split", "holdout"], ["--split", "invalid choice"]),
     ("promote-unknown-model", "promote", ["--name", "no-such-model"], ["no-such-model"]),
     ("promote-no-name", "promote", [], ["--name"]),
+    # -- select_queue
+    ("select-table-is-a-file", "select_queue", ["--table", "{FILE}", "--out", "{O}/queue.csv"], ["a_file is not a tag table", "--output folder"]),
     # -- scan
     ("scan-data-missing", "scan", ["--data", "{W}/missing.csv"], ["missing.csv", "does not exist"]),
     ("scan-no-images", "scan", ["--data", "{EMPTY}"], ["empty.csv", "zero rows"]),

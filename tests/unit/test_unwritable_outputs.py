@@ -77,3 +77,14 @@ def test_training_run_folder_that_cannot_be_written_names_storage_path(
     (tmp_path / "runs").write_text("a file where the folder goes")
     with pytest.raises(UserError, match=r"^--storage-path .*runs: is a file"):
         check_run_fingerprint(cfg, {"model": "mobilenet_v2"})
+
+
+def test_a_write_under_a_file_names_the_file_in_the_way(tmp_path: Path) -> None:
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for target in (afile / "q.csv", afile / "deeper" / "q.csv"):
+        with pytest.raises(storage.LocalPathError) as raised:
+            storage.write_text(str(target), "image,labels\n")
+        assert str(raised.value) == f"cannot write {target}: {afile} is a file, not a folder"
+        assert isinstance(raised.value, UserError) and isinstance(raised.value, OSError)
+    assert afile.read_text() == "x" and list(tmp_path.iterdir()) == [afile]
