@@ -318,6 +318,12 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
         raise UserError(
             f"--write-clean {cfg.write_clean} is the input manifest; write the clean manifest to a new file"
         )
+    from mlc_ray import storage
+
+    # a folder that cannot take the outputs fails now, not after every image was decoded
+    for flag, uri in (("--report", cfg.report), ("--write-clean", cfg.write_clean)):
+        if uri is not None:
+            storage.check_local_dir(uri, flag, for_file=True)
     log.info("scanning %d images from %s", len(images), source)
     # [2] decode in parallel (Ray starts only now: a wrong input was one error line, nothing started)
     from mlc_ray.cli import init_ray

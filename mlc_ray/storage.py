@@ -410,14 +410,17 @@ def exists(uri: str) -> bool:
         return False
 
 
-def check_local_dir(uri: str, what: str) -> None:
+def check_local_dir(uri: str, what: str, *, for_file: bool = False) -> None:
     """A local folder a job will write under (``what``: its flag, e.g. ``--output``) must be a folder
-    or creatable as one: a UserError saying which part of the path is in the way, before anything is
-    written. S3 URIs pass (a missing bucket is reported by the first read or write)."""
+    or creatable as one (``for_file``: ``uri`` is a file to write, its folder is checked): a UserError
+    saying which part of the path is in the way, before anything is written. S3 URIs pass (a missing
+    bucket is reported by the first read or write)."""
     if is_s3(uri):
         return
     path = os.path.abspath(_local(uri))
-    probe = path
+    if for_file and os.path.isdir(path):
+        raise UserError(f"{what} {uri}: is a folder; give a file name")
+    probe = os.path.dirname(path) if for_file else path
     while not os.path.exists(probe):  # the nearest part of the path that exists
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):

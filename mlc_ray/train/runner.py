@@ -276,6 +276,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mlc_ray import storage
     from mlc_ray.bundle import (
         LABEL_RATES,
         LABELS,
@@ -322,6 +323,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     preprocess = cfg.preprocess_config()
     spec = model_spec(cfg.model, len(labels), width=cfg.width, dropout=cfg.dropout)
     _check_start_files(cfg, spec, preprocess)  # a missing/unfitting --pretrained fails before any worker
+    if cfg.output is not None:  # where the bundle goes after the last epoch: checked before the first
+        storage.check_local_dir(cfg.output, "--output")
     check_run_fingerprint(cfg, run_fingerprint(cfg, data))  # a resumed run must be the same run
     train_targets, val_targets_all = data.train_targets, data.val_targets
 

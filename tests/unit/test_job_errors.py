@@ -37,6 +37,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "tag_typo.yaml").write_text("batch_szie: 3\n")
     (root / "empty_dir").mkdir()
     (root / "a_file").write_text("not a folder\n")
+    (root / "folder.parquet").mkdir()
     return {
         "D": data,
         "EMPTY": str(root / "empty.csv"),
@@ -45,6 +46,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "TAGTYPO": str(root / "tag_typo.yaml"),
         "EMPTYDIR": str(root / "empty_dir"),
         "FILE": str(root / "a_file"),
+        "DIRPQ": str(root / "folder.parquet"),
         "B": make_bundle(root / "bundle"),
         "ROOT": str(root),
     }
@@ -88,6 +90,7 @@ CASES = [
     ("train-pretrained-not-weights", "train", ["--data", "{D}", "--pretrained", "{EMPTY}"], ["pretrained:", "not a loadable state dict"]),
     ("train-storage-is-a-file", "train", ["--data", "{D}", "--storage-path", "{FILE}"], ["--storage-path", "a_file: is a file"]),
     ("train-storage-under-a-file", "train", ["--data", "{D}", "--storage-path", "{FILE}/runs"], ["--storage-path", "cannot be created", "a_file is a file"]),
+    ("train-output-under-a-file", "train", ["--data", "{D}", "--output", "{FILE}/model"], ["--output", "cannot be created", "a_file is a file"]),
     # -- tag
     ("tag-output-is-a-file", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{FILE}"], ["--output", "a_file: is a file"]),
     ("tag-output-under-a-file", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{FILE}/tags"], ["--output", "cannot be created", "a_file is a file"]),
@@ -115,6 +118,9 @@ CASES = [
     # -- select_queue
     ("select-table-is-a-file", "select_queue", ["--table", "{FILE}", "--out", "{O}/queue.csv"], ["a_file is not a tag table", "--output folder"]),
     # -- scan
+    ("scan-report-under-a-file", "scan", ["--data", "{D}", "--report", "{FILE}/report.parquet"], ["--report", "report.parquet: cannot be created", "a_file is a file"]),
+    ("scan-report-is-a-folder", "scan", ["--data", "{D}", "--report", "{DIRPQ}"], ["--report", "is a folder; give a file name"]),
+    ("scan-clean-under-a-file", "scan", ["--data", "{D}", "--write-clean", "{FILE}/clean.csv"], ["--write-clean", "clean.csv: cannot be created", "a_file is a file"]),
     ("scan-data-missing", "scan", ["--data", "{W}/missing.csv"], ["missing.csv", "does not exist"]),
     ("scan-no-images", "scan", ["--data", "{EMPTY}"], ["empty.csv", "zero rows"]),
     ("scan-empty-dir", "scan", ["--data", "{EMPTYDIR}"], ["no images", "empty_dir"]),

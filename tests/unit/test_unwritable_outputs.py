@@ -34,6 +34,14 @@ def test_check_local_dir_says_which_part_of_the_path_is_in_the_way(tmp_path: Pat
         storage.check_local_dir(str(afile / "x" / "y"), "--storage-path")
     with pytest.raises(UserError, match="is a file"):
         storage.check_local_dir(f"file://{afile}", "--output")
+    # a file to write: its folder is checked, and the message names the file given
+    storage.check_local_dir(str(tmp_path / "new" / "report.parquet"), "--report", for_file=True)
+    with pytest.raises(
+        UserError, match=r"^--report .*a_file/report.parquet: cannot be created: .*a_file is a file"
+    ):
+        storage.check_local_dir(str(afile / "report.parquet"), "--report", for_file=True)
+    with pytest.raises(UserError, match=r"^--report .*: is a folder; give a file name$"):
+        storage.check_local_dir(str(tmp_path), "--report", for_file=True)
     assert list(tmp_path.iterdir()) == [afile]  # nothing created by the checks
 
 
