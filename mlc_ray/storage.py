@@ -151,9 +151,19 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, key
 
 
+_SCHEME_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3:/b, S3://b, gs://b, file:/x, https://h
+
+
 def _local(uri: str) -> str:
     uri = str(uri)
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    if _SCHEME_LIKE.match(uri):  # taken as a local path, it would be a folder named "s3:" in the cwd
+        raise InvalidURIError(
+            f"{uri!r} is neither a local path nor an s3://bucket/key URI (mlc_ray reads and writes "
+            "local paths, file:// and s3:// only; check the scheme's spelling)"
+        )
+    return uri
 
 
 def join(uri: str, *parts: str) -> str:

@@ -317,10 +317,15 @@ class TrainConfig:
             raise ValueError("storage_path must not be empty (a local dir or s3://bucket/prefix)")
         # Local paths become absolute here, once: Ray Train workers do not run in the driver's working
         # directory, and checkpoints, bundles and init_from must mean the same folder everywhere.
+        from mlc_ray import storage
+
         for name in ("storage_path", "output", "init_from", "pretrained"):
             value = getattr(self, name)
-            if value and "://" not in str(value):
-                setattr(self, name, os.path.abspath(os.path.expanduser(str(value))))
+            if value and not storage.is_s3(str(value)):
+                try:  # a misspelt scheme (s3:/b, S3://b, gs://b) is an error, not a local folder "s3:"
+                    setattr(self, name, storage.absolute(os.path.expanduser(str(value))))
+                except storage.InvalidURIError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
         if not self.experiment:
             raise ValueError("experiment must not be empty")
 

@@ -84,6 +84,8 @@ CASES = [
     ("yaml-missing", "train", ["--config", "{W}/missing.yaml"], ["--config", "missing.yaml does not exist"]),
     # -- train: URIs and data
     ("train-data-missing", "train", ["--data", "{W}/missing.csv"], ["missing.csv", "does not exist"]),
+    ("train-storage-misspelt-scheme", "train", ["--data", "{D}", "--storage-path", "s3:/bucket/runs"], ["storage_path:", "'s3:/bucket/runs' is neither a local path nor an s3://bucket/key URI"]),
+    ("train-data-other-scheme", "train", ["--data", "gs://bucket/manifest.csv"], ["'gs://bucket/manifest.csv' is neither a local path"]),
     ("train-val-data-missing", "train", ["--data", "{D}", "--val-data", "{W}/val.csv"], ["val.csv", "does not exist"]),
     ("train-no-images", "train", ["--data", "{EMPTY}"], ["empty.csv", "zero rows"]),
     ("train-pretrained-missing", "train", ["--data", "{D}", "--pretrained", "{W}/weights.pt"], ["pretrained:", "weights.pt does not exist"]),
@@ -97,6 +99,8 @@ CASES = [
     ("tag-input-is-a-file", "tag", ["--model", "{B}", "--input", "{FILE}", "--output", "{O}"], ["--input", "a_file: a file, not a folder of images or a manifest"]),
     ("tag-bundle-missing", "tag", ["--model", "{W}/no-bundle", "--input", "{D}", "--output", "{O}"], ["--model", "no-bundle does not exist"]),
     ("tag-input-missing", "tag", ["--model", "{B}", "--input", "{W}/photos/", "--output", "{O}"], ["photos", "does not exist"]),
+    ("tag-output-misspelt-scheme", "tag", ["--model", "{B}", "--input", "{D}", "--output", "s3:/bucket/tags"], ["'s3:/bucket/tags' is neither a local path nor an s3://bucket/key URI"]),
+    ("tag-input-upper-case-scheme", "tag", ["--model", "{B}", "--input", "S3://bucket/photos/", "--output", "{O}"], ["'S3://bucket/photos/' is neither a local path"]),
     ("tag-input-empty-dir", "tag", ["--model", "{B}", "--input", "{EMPTYDIR}", "--output", "{O}"], ["no images", "empty_dir"]),
     ("tag-manifest-no-images", "tag", ["--model", "{B}", "--input", "{EMPTY}", "--output", "{O}"], ["empty.csv", "zero rows"]),
     ("tag-zero-batch", "tag", ["--model", "{B}", "--input", "{D}", "--output", "{O}", "--batch-size", "0"], ["batch_size", ">= 1"]),

@@ -43,3 +43,18 @@ def test_resolve_refuses_other_schemes_and_climbing_out_of_the_bucket() -> None:
         storage.resolve("http://x/a.jpg", "/data")
     with pytest.raises(ValueError, match="points above the bucket root of s3://b/data"):
         storage.resolve("../../a.jpg", "s3://b/data")
+
+
+def test_a_misspelt_scheme_is_an_error_not_a_local_folder(tmp_path, monkeypatch) -> None:
+    from mlc_ray.storage import InvalidURIError
+
+    monkeypatch.chdir(tmp_path)
+    for uri in ("s3:/bucket/key", "S3://bucket/key", "gs://bucket/key", "s3a://bucket/key", "https://h/x"):
+        with pytest.raises(InvalidURIError, match="is neither a local path nor an s3://bucket/key URI"):
+            storage.write_text(uri, "x")
+        with pytest.raises(InvalidURIError):
+            storage.exists(uri)
+    assert list(tmp_path.iterdir()) == []  # no folder named "s3:" (or "gs:") was made
+    storage.write_text("file://" + str(tmp_path / "ok.txt"), "x")  # file:// and plain paths still work
+    storage.write_text(str(tmp_path / "a:b.txt"), "x")  # a colon inside a name is not a scheme
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a:b.txt", "ok.txt"]
