@@ -430,9 +430,7 @@ def check_local_dir(uri: str, what: str, *, for_file: bool = False) -> None:
     path = os.path.abspath(_local(uri))
     if for_file and os.path.isdir(path):
         raise UserError(f"{what} {uri}: is a folder; give a file name")
-    probe = os.path.dirname(path) if for_file else path
-    while not os.path.exists(probe):  # the nearest part of the path that exists
-        probe = os.path.dirname(probe)
+    probe = _nearest_existing(os.path.dirname(path) if for_file else path)
     if not os.path.isdir(probe):
         where = "is a file" if probe == path else f"cannot be created: {probe} is a file"
         raise UserError(f"{what} {uri}: {where}; give a folder")
@@ -462,10 +460,15 @@ def _local_atomic_target(path: str) -> str:
     try:
         os.makedirs(folder, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
-        probe = folder
-        while not os.path.isfile(probe) and os.path.dirname(probe) != probe:
-            probe = os.path.dirname(probe)
-        raise LocalPathError(f"cannot write {path}: {probe} is a file, not a folder") from None
+        in_the_way = _nearest_existing(folder)
+        raise LocalPathError(f"cannot write {path}: {in_the_way} is a file, not a folder") from None
+    return path
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` or the nearest of its parents that exists (a file there blocks every folder below it)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
     return path
 
 
