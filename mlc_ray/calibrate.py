@@ -18,11 +18,14 @@ curve nearest to (FPR 0, TPR 1). This module offers that rule and three others:
 Every threshold is applied as ``score >= threshold`` (``Thresholds.apply``). ``f1_max`` and
 ``precision_at`` pick a *distinct score* s of the label and place the threshold at the midpoint
 between s and the next lower distinct score (at s itself if s is the lowest score, or if the two
-scores are so close that their midpoint rounds onto the lower one). Both choices predict exactly the
+scores are so close that their midpoint rounds onto the lower one). Scores within
+``SCORE_RESOLUTION`` (1e-6) of each other count as one score: the exported graphs score within ~1e-7
+of torch, so a threshold between such scores would decide by rounding. Both choices predict exactly the
 same samples on the fitting data, so applying the saved threshold reproduces the F1 / precision that
 was measured; the midpoint only leaves a margin for unseen scores (and float32 rounding downstream).
 
-A label with no positives, no negatives, or constant scores cannot be calibrated: it keeps the
+A label with no positives, no negatives, or constant scores (every score within ``SCORE_RESOLUTION``:
+what a collapsed model gives) cannot be calibrated: it keeps the
 fallback threshold and is listed in ``Thresholds.fallback_labels`` with the reason.
 
 **Honest calibrated metrics.** A threshold fitted on some scores and measured on the same scores
@@ -252,44 +255,54 @@ class Thresholds:
 # ---- per-label fitting ---------------------------------------------------------------------------
 
 
+# Scores closer than this are one score to tagging: the exported graphs score within ~1e-7 of torch
+# (export parity: 3e-8 to 6e-8 measured for ONNX fp32 and ncnn) and float32 steps by 3e-8 near 0.5,
+# so a threshold placed between two such scores picks images by rounding, not by the model. A label
+# whose validation scores all lie within it (a collapsed model scores every image alike) is a label
+# with constant scores.
+SCORE_RESOLUTION = 1e-6
+
+
 def _cumulative_counts(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct scores (descending) and TP/FP when predicting ``score >= that score``."""
+    """Runs of equal scores (descending): each run's (lowest, highest) score and TP/FP when predicting
+    ``score >= its lowest``. Scores within ``SCORE_RESOLUTION`` of the next are one run."""
     order = np.argsort(-scores, kind="mergesort")
     s = scores[order]
     yy = y[order]
     tp = np.cumsum(yy)
     fp = np.cumsum(1 - yy)
-    # the last index of each run of equal scores: predictions there include every tie
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
-    return s[last], tp[last], fp[last]
+    # the last index of each run: predictions there include every score of the run
+    last = np.r_[np.flatnonzero(s[:-1] - s[1:] > SCORE_RESOLUTION), s.size - 1]
+    first = np.r_[0, last[:-1] + 1]
+    return np.stack([s[last], s[first]], axis=1), tp[last], fp[last]
 
 
-def _place(distinct: np.ndarray, k: int) -> float:
-    """Threshold between distinct[k] and the next lower distinct score; keeps the same predictions."""
-    upper = float(distinct[k])
-    if k + 1 >= distinct.size:
+def _place(runs: np.ndarray, k: int) -> float:
+    """Threshold between run k's lowest score and run k+1's highest; keeps the same predictions."""
+    upper = float(runs[k, 0])
+    if k + 1 >= len(runs):
         return upper
-    lower = float(distinct[k + 1])
+    lower = float(runs[k + 1, 1])
     mid = (upper + lower) / 2.0
     return mid if lower < mid <= upper else upper
 
 
 def _f1_max(scores: np.ndarray, y: np.ndarray) -> float:
-    distinct, tp, fp = _cumulative_counts(scores, y)
+    runs, tp, fp = _cumulative_counts(scores, y)
     positives = int(y.sum())
     f1 = 2.0 * tp / (tp + fp + positives)  # = 2TP / (2TP + FP + FN)
     k = int(np.argmax(f1))  # first maximum in descending-score order: the highest such threshold
-    return _place(distinct, k)
+    return _place(runs, k)
 
 
 def _precision_at(scores: np.ndarray, y: np.ndarray, target: float) -> tuple[float | None, float]:
-    distinct, tp, fp = _cumulative_counts(scores, y)
+    runs, tp, fp = _cumulative_counts(scores, y)
     precision = tp / (tp + fp)
     # compare with a hair of tolerance so exactly-reached fractions (9/10 for 0.9) count
     ok = np.flatnonzero(precision >= target - 1e-12)
     if ok.size == 0:
         return None, float(precision.max())
-    return _place(distinct, int(ok[-1])), float(precision.max())
+    return _place(runs, int(ok[-1])), float(precision.max())
 
 
 def _roc_closest(scores: np.ndarray, y: np.ndarray) -> float:
@@ -346,6 +359,8 @@ def calibrate_thresholds(
             reason = "no negatives"
         elif s.min() == s.max():
             reason = "constant scores"
+        elif float(s.max() - s.min()) <= SCORE_RESOLUTION:
+            reason = f"constant scores (all within {float(s.max() - s.min()):.1g})"
         if reason is not None:
             fallbacks[label] = reason
             values.append(float(fallback))

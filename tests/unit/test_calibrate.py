@@ -72,6 +72,45 @@ def test_f1_max_threshold_is_midpoint_between_distinct_scores() -> None:
     assert th.apply(scores)[:, 0].tolist() == [True, True, True, False, False]
 
 
+def _ulp_noise(value: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n float32 scores of ``value`` a few float32 steps apart: what a model that scores every image
+    alike gives, and what a backend that rounds differently from torch moves."""
+    steps = rng.integers(-4, 5, n).astype(np.float32)
+    return (np.float32(value) + steps * np.spacing(np.float32(value))).astype(np.float64)
+
+
+@pytest.mark.parametrize("method", ["f1_max", "precision_at:0.3", "roc_closest"])
+def test_a_collapsed_model_keeps_the_fallback_not_a_threshold_inside_float_rounding(method: str) -> None:
+    # a collapsed model: each label's scores differ only by float32 rounding (seen: a 3-epoch
+    # MobileNetV3-Small, every score 0.48121 +- 3e-8; f1_max put the threshold on the lowest, so the
+    # validation set was 100% positive and tagging, scoring 1e-8 lower on some images, 28%)
+    rng = np.random.default_rng(0)
+    n = 80
+    targets = (rng.random((n, 2)) < 0.35).astype(np.uint8)
+    scores = np.stack([_ulp_noise(0.48121, n, rng), rng.random(n)], axis=1)
+    th = calibrate_thresholds(scores, targets, ["collapsed", "ok"], method=method, fallback=0.5)
+    assert th.fallback_labels["collapsed"].startswith("constant scores"), th.fallback_labels
+    assert th.values[0] == 0.5
+    assert "ok" not in th.fallback_labels
+
+
+def test_scores_within_float_rounding_of_each_other_are_one_score_to_the_threshold() -> None:
+    # two clear positives, then a cluster of 8 images scored alike (+- a few float32 steps) whose
+    # positives happen to sit on its upper steps, then clear negatives: a cut inside the cluster would
+    # follow the rounding, and tagging (ONNX / ncnn score ~1e-8 away from torch) would not reproduce it
+    rng = np.random.default_rng(4)
+    cluster = np.sort(_ulp_noise(0.6, 8, rng))[::-1]
+    scores = np.r_[0.95, 0.9, cluster, 0.2, 0.15, 0.1][:, None]
+    targets = np.r_[1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0][:, None]
+    assert np.ptp(cluster) > 0  # the cluster really has several float values (else nothing is tested)
+    for method in ("f1_max", "precision_at:0.6"):
+        th = calibrate_thresholds(scores, targets, ["x"], method=method)
+        t = th.values[0]
+        assert not cluster.min() < t <= cluster.max(), (method, t, cluster)
+        moved = scores + rng.choice([-1, 1], scores.shape) * 6e-8  # another backend's rounding
+        assert np.array_equal(th.apply(moved), th.apply(scores)), method
+
+
 def test_f1_max_survives_float32_scores_and_json_round_trip(tmp_path) -> None:
     scores, targets = _random_problem(seed=3)
     scores32 = scores.astype(np.float32)
