@@ -98,6 +98,8 @@ class TagSummary:
             rows.append(("drift", "not available (the model bundle records no validation rates)"))
         elif not moved:
             rows.append(("drift", "no label moved"))
+        else:  # the label rows below are indented under this one
+            rows.append(("drift", f"{len(moved)} label(s) moved from their validation rate"))
         for d in moved:
             ratio = d.get("ratio")
             text = "inf" if ratio is None else f"{ratio:.2f}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ from mlc_ray.tagging.report import (
     uri_hash01,
 )
 from mlc_ray.tagging.state import default_run_id, row_affecting_settings
+from mlc_ray.tagging.summary import TagSummary
 from mlc_ray.tagging.table import Provenance, tag_rows
 
 LABELS = ["cat", "dog", "car", "tree"]
@@ -182,6 +184,28 @@ def test_drift_flags_a_label_whose_rate_moved() -> None:
     # no expectation (an older bundle): not available; labels outside --labels are left out
     na = drift_rows(LABELS, moved, 2000, None, allowed=[True, False, True, True], alert=2.0)
     assert [r.label for r in na] == ["cat", "car", "tree"] and {r.status for r in na} == {"not available"}
+
+
+def test_summary_table_heads_the_moved_labels_with_a_drift_row() -> None:
+    rng = np.random.default_rng(2)
+    exp = expected_label_rates(rng.uniform(0, 1, (400, 4)), THR, LABELS)
+    moved = (rng.uniform(0, 1, (2000, 4)) >= THR).sum(axis=0)
+    moved[1] = 20
+    rows = [asdict(r) for r in drift_rows(LABELS, moved, 2000, exp, alert=2.0) if r.status != "ok"]
+    summary = TagSummary("r1", "out", "2026-12-06", "models:/m/1", "1", "onnxruntime", "fp32",
+                         timings_s={"Ray start": 4.4}, drift_available=True, drift=rows)  # fmt: skip
+    lines = summary.format().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  dog "))
+    # the moved label sits under a "drift" row, not under the row before it (it was under "time")
+    assert lines[at - 1].startswith("drift ") and "1 label(s) moved" in lines[at - 1], lines
+    assert "ALERT" in lines[at] and lines[at - 2].startswith("time ")
+    # nothing moved: one row that says so
+    calm = TagSummary(
+        "r1", "out", "2026-12-06", "models:/m/1", "1", "onnxruntime", "fp32", drift_available=True
+    )
+    assert [line.split(None, 1) for line in calm.format().splitlines() if line.startswith("drift")] == [
+        ["drift", "no label moved"]
+    ]
 
 
 def test_progress_line_every_n_seconds(caplog, monkeypatch) -> None:
