@@ -237,7 +237,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         starts = [int(x) for x in state.get("starts", [])]
         images_seen = int(state.get("images_seen", 0))
         if rank == 0:
-            log.info("resuming from the checkpoint of epoch %d", start_epoch - 1)
+            log.info("resuming from the checkpoint after epoch %d/%d", start_epoch, cfg["epochs"])
     starts.append(start_epoch)
     if start_epoch >= cfg["epochs"]:
         if rank == 0:

@@ -120,7 +120,7 @@ class TrainResult:
         lines += [
             "",
             f"wall time {self.wall_time_s:.1f} s, {self.epochs_trained} epochs trained "
-            f"(starts at epochs {self.starts}), {self.images_per_s:.1f} training images/s",
+            f"({starts_text(self.starts, self.epochs_trained)}), {self.images_per_s:.1f} training images/s",
             f"model bundle: {self.bundle_dir}",
             f"MLflow run id: {self.mlflow_run_id}",
         ]
@@ -128,6 +128,30 @@ class TrainResult:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def describe_train_data(data: Any) -> str:
+    """The job's first lines: the split sizes, then the training rows' label statistics (headed as the
+    training rows: "manifest M: 240 images" read as if M held no validation rows)."""
+    from mlc_ray.data.manifest import label_statistics
+
+    stats = label_statistics(data.train)
+    stats.source = f"{data.source} (training rows)"
+    return (
+        f"training data {data.source}: {len(data.train)} train / {len(data.val)} val images\n{stats.format()}"
+    )
+
+
+def starts_text(starts: list[int], epochs_trained: int) -> str:
+    """``starts`` (0-based epoch of each start of the run) as the 1-based epochs the log prints:
+    [0, 3] -> "started at epoch 1, resumed at epoch 4"; a last start that had nothing left to train
+    (``epochs_trained`` 0) says so."""
+    if not starts:
+        return "no start recorded"
+    words = [f"{'started' if i == 0 else 'resumed'} at epoch {s + 1}" for i, s in enumerate(starts)]
+    if epochs_trained == 0:
+        words[-1] = ("started" if len(starts) == 1 else "resumed") + " with every epoch already trained"
+    return ", ".join(words)
 
 
 def _cpus_per_worker(cfg: TrainConfig) -> float:
@@ -291,7 +315,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from mlc_ray.cli import JobError, init_ray
     from mlc_ray.config import config_to_yaml
     from mlc_ray.data.demo import ensure_demo_data
-    from mlc_ray.data.manifest import label_statistics
     from mlc_ray.metrics import compute_metrics, jsonable_metrics, scalar_metrics
     from mlc_ray.models import build_tagger, model_spec
     from mlc_ray.progress import quiet_ray_progress
@@ -313,13 +336,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         str(cfg.data), val_data=cfg.val_data, labels=cfg.labels, val_fraction=cfg.val_fraction, seed=cfg.seed
     )
     labels = list(data.vocabulary)
-    log.info(
-        "training data %s: %d train / %d val images\n%s",
-        data.source,
-        len(data.train),
-        len(data.val),
-        label_statistics(data.train).format(),
-    )
+    log.info("%s", describe_train_data(data))
     preprocess = cfg.preprocess_config()
     spec = model_spec(cfg.model, len(labels), width=cfg.width, dropout=cfg.dropout)
     _check_start_files(cfg, spec, preprocess)  # a missing/unfitting --pretrained fails before any worker

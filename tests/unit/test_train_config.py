@@ -177,3 +177,32 @@ def test_asl_settings_are_config_keys_and_validated():
         TrainConfig(asl_clip=1.0)
     with pytest.raises(ValueError, match="asl_gamma_neg and asl_gamma_pos must be >= 0"):
         TrainConfig(asl_gamma_neg=-1)
+
+
+def test_the_job_log_heads_the_label_table_as_the_training_rows(tmp_path) -> None:
+    from mlc_ray.train.data import load_train_val
+    from mlc_ray.train.runner import describe_train_data
+
+    manifest = tmp_path / "manifest.csv"
+    rows = ["image,labels,split"] + [
+        f"images/{i}.jpg,{'cat|dog' if i % 2 else 'cat'},train" for i in range(4)
+    ]
+    manifest.write_text("\n".join([*rows, "images/8.jpg,dog,val", "images/9.jpg,cat,val"]) + "\n")
+    lines = describe_train_data(load_train_val(str(manifest))).splitlines()
+    assert lines[0] == f"training data {manifest}: 4 train / 2 val images"
+    # the statistics are the training rows' and say so (a bare "manifest M: 4 images" read as if M
+    # had no validation rows)
+    assert lines[1].startswith(f"manifest {manifest} (training rows): 4 images, 2 labels"), lines[1]
+    assert "splits: train=4" in lines
+
+
+def test_the_run_summary_prints_its_starts_as_the_logs_epochs() -> None:
+    from mlc_ray.train.runner import starts_text
+
+    assert starts_text([0], 12) == "started at epoch 1"
+    # epoch lines are 1-based ("epoch 4/12"): a run resumed after 3 epochs resumed at epoch 4, not 3
+    assert starts_text([0, 3], 9) == "started at epoch 1, resumed at epoch 4"
+    assert (
+        starts_text([0, 3, 12], 0)
+        == "started at epoch 1, resumed at epoch 4, resumed with every epoch already trained"
+    )
