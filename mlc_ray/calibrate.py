@@ -38,7 +38,7 @@ that training reports come from those. The thresholds that ship are fitted on al
 carries ``sha256``: the SHA-256 of the compact canonical JSON of every other field. ``load``
 recomputes it, so an edited or corrupted file is refused instead of silently changing the tags.
 
-Why ~430 lines: one responsibility (per-label thresholds): the fitting methods, cross-fitting, and
+Why ~450 lines: one responsibility (per-label thresholds): the fitting methods, cross-fitting, and
 the ``Thresholds`` file format that training writes and tagging reads; each part is small and they
 change together when a method is added.
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,17 +156,22 @@ def _tag_dataset(
             "read_deadline_s": float(cfg.read_deadline_s),
         },
     )
-    ds = ds.map_batches(
-        Predictor,
-        compute=ray.data.ActorPoolStrategy(min_size=par.min_actors, max_size=par.max_actors),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        num_cpus=par.cpus_per_actor,
-        num_gpus=par.gpus_per_actor if cfg.use_gpu else None,
-        fn_constructor_kwargs=predictor_kwargs,
-        # no named parameter for it in Ray 2.60: a (deprecated, until 2.64) ray_remote_args key
-        max_task_retries=PREDICTOR_MAX_TASK_RETRIES,
-    )
+    with warnings.catch_warnings():
+        # no named parameter for max_task_retries in Ray 2.60: a ray_remote_args key, which Ray warns
+        # is deprecated (until 2.64; pyproject pins <2.61) on every run, a line users cannot act on
+        warnings.filterwarnings(
+            "ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning
+        )
+        ds = ds.map_batches(
+            Predictor,
+            compute=ray.data.ActorPoolStrategy(min_size=par.min_actors, max_size=par.max_actors),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            num_cpus=par.cpus_per_actor,
+            num_gpus=par.gpus_per_actor if cfg.use_gpu else None,
+            fn_constructor_kwargs=predictor_kwargs,
+            max_task_retries=PREDICTOR_MAX_TASK_RETRIES,
+        )
     buffers: dict[int, ShardBuffer] = {}
 
     def open_buffer(index: int) -> ShardBuffer:

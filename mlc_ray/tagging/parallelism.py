@@ -81,7 +81,7 @@ def choose_parallelism(
         share = float(int(share * 4) / 4)  # quarter CPUs
         (log.warning if explicit else log.info)(
             "%d actor(s) x %d thread(s) would leave no CPU for the read tasks on %g CPUs: each actor "
-            "reserves %.2f CPUs and runs its %d threads on them",
+            "reserves %.2f CPUs and runs its %d thread(s) on them",
             par.min_actors,
             par.threads_per_actor,
             cluster_cpus,
