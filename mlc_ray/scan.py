@@ -247,6 +247,9 @@ def scan_images_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 def _decode_all(images: list[str], cfg: ScanConfig) -> pa.Table:
     import ray
 
+    from mlc_ray.progress import quiet_ray_progress
+
+    quiet_ray_progress()  # as tagging and training: no execution plan / per-operator lines in the log
     items = pa.table(
         {"index": pa.array(range(len(images)), pa.int64()), "image": pa.array(images, pa.string())}
     )
