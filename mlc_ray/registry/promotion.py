@@ -193,6 +193,8 @@ def promote(
         dry_run=dry_run,
         candidate_source=cand_source,
     )
+    # a wrong --eval-data is an error even when the candidate turns out to be the champion already
+    given = load_eval_manifest(eval_data) if eval_data else None
     if cross and champ_version:
         champ_source = (mlflow_client().get_model_version(name, champ_version).tags or {}).get(
             PROMOTED_FROM_TAG
@@ -214,7 +216,7 @@ def promote(
             f"no --eval-data given and {name} v{cand_version} records no evaluation data "
             f"('{EVAL_DATA_TAG}' tag); pass --eval-data MANIFEST held out from its training"
         )
-    full = load_eval_manifest(eval_uri)
+    full = given if given is not None else load_eval_manifest(eval_uri)
     if not eval_data and EVAL_DATA_TAG not in cand_tags and split == "auto" and not full.has_splits:
         raise UserError(
             f"{name} v{cand_version} records no evaluation data and its training manifest {eval_uri} has "

@@ -122,6 +122,16 @@ def test_first_promotion_is_allowed_and_says_so(story: Story, versions: dict, ca
     assert tags["promotion.decision"] == "promoted" and tags["promotion.role"] == "candidate"
 
 
+def test_a_wrong_eval_data_is_an_error_even_for_the_champion_itself(story: Story, tmp_path, capsys) -> None:
+    story.at("first", capsys)  # some version is champion (whichever step ran last)
+    champion = _aliases()["champion"]
+    missing = str(tmp_path / "held-out" / "manifest.csv")
+    code, out = run_promote(["--candidate", champion, "--eval-data", missing], capsys)
+    # nothing to promote, but the typo must not pass as "already the champion; nothing to do"
+    assert code == 2 and missing in out and "already the champion" not in out, out
+    assert _aliases()["champion"] == champion
+
+
 def test_dry_run_changes_nothing(versions: dict, color_data: str, capsys) -> None:
     before_aliases, before_tags = _aliases(), _tags(versions["good"])
     code, out = run_promote(["--candidate", versions["good"], "--eval-data", color_data, "--dry-run"], capsys)
