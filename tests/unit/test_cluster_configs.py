@@ -117,6 +117,22 @@ def test_images_pin_the_project_ray_version() -> None:
     assert seen >= 5
 
 
+def test_the_image_copies_every_file_the_package_build_reads() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {project["readme"], *project.get("license-files", [])}
+    copied = set()
+    for line in (ROOT / "cluster" / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            parts = [p for p in shlex.split(line)[1:] if not p.startswith("--")]
+            copied.update(parts[:-1])  # the sources; the last word is the destination
+    # `pip install .` in the image builds from what was copied: a file pyproject names and the image
+    # lacks (seen: LICENSE) builds a package without it, with a warning setuptools means to make an error
+    assert needed <= copied, f"cluster/Dockerfile does not COPY {sorted(needed - copied)}"
+    assert all((ROOT / name).is_file() for name in needed)
+
+
 def test_no_literal_secrets_in_deployment_files() -> None:
     for path in [*CLUSTER_YAMLS, ROOT / "cluster" / "runtime_env.yaml"]:
         text = path.read_text()
