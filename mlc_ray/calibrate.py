@@ -360,7 +360,7 @@ def calibrate_thresholds(
         elif s.min() == s.max():
             reason = "constant scores"
         elif float(s.max() - s.min()) <= SCORE_RESOLUTION:
-            reason = f"constant scores (all within {float(s.max() - s.min()):.1g})"
+            reason = f"constant scores: all within {float(s.max() - s.min()):.1g}"
         if reason is not None:
             fallbacks[label] = reason
             values.append(float(fallback))

@@ -30,6 +30,19 @@ def _train_in_nested_run(cfg: Any, stage: str, parent_run_id: str) -> Any:
         return run_training(cfg)
 
 
+def whole_split_note(n_mined: int, n_train: int) -> str | None:
+    """What to tell the user when mining picked every training image (a base model too weak to tell
+    hard images from easy ones): the random control then trains on the same images as the mined
+    fine-tune, so the report's "mined - random" is training noise. None otherwise."""
+    if n_mined < n_train:
+        return None
+    return (
+        f"Mining selected every training image ({n_mined} of {n_train}): the mined and the random "
+        "fine-tune trained on the same images, so 'mined - random' is training noise; train the base "
+        "model longer, or narrow mining.top_k / band."
+    )
+
+
 def run_mining_pipeline(cfg: Any) -> Any:
     """Base training -> score the train split -> mine -> fine-tune; returns the fine-tuned TrainResult.
 
@@ -115,6 +128,10 @@ def run_mining_pipeline(cfg: Any) -> Any:
                 "or raise mining.replay_fraction"
             )
 
+        everything = whole_split_note(len(mined), len(train))
+        if everything:
+            log.warning("%s", everything)
+
         # [c] fine-tune from the base weights on mined (+ replay), validated on the same val split
         ft_uri = storage.join(work, "fine_tune_manifest.csv")
         _write_split_manifest(train.subset(list(mined.indices)), val, ft_uri, vocabulary=vocabulary)
@@ -171,6 +188,7 @@ def run_mining_pipeline(cfg: Any) -> Any:
             data_note=(
                 f"Held-out rows: {len(common)} of the validation split that no stage trained, selected or "
                 f"calibrated on; mined set and random subset: {len(mined)} images each. "
+                + (everything + " " if everything else "")
             ),
         )
         fine.mining_report = report

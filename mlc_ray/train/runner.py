@@ -117,9 +117,10 @@ class TrainResult:
                 "hard-sample mining, base vs mined vs random fine-tune (held-out rows):",
                 self.mining_report.to_markdown(),
             ]
+        stage = "fine-tune stage: " if self.mining_report is not None else ""  # the model this job ships
         lines += [
             "",
-            f"wall time {self.wall_time_s:.1f} s, {self.epochs_trained} epochs trained "
+            f"{stage}wall time {self.wall_time_s:.1f} s, {self.epochs_trained} epochs trained "
             f"({starts_text(self.starts, self.epochs_trained)}), {self.images_per_s:.1f} training images/s",
             f"model bundle: {self.bundle_dir}",
             f"MLflow run id: {self.mlflow_run_id}",

@@ -109,4 +109,6 @@ def test_fine_tune_is_the_job_model_and_the_report_compares_the_same_rows(mined)
     assert all("acc_control" in r for r in report.combination_rows + report.pair_rows)
     assert report.combination_rows and all(0.0 <= r["acc_base"] <= 1.0 for r in report.combination_rows)
     assert "hard-sample mining" in result.summary()
+    # its speed line is the fine-tune's (the stage that made the model), and says so
+    assert "\nfine-tune stage: wall time " in result.summary()
     assert np.isfinite([r["f1_fine_tuned"] for r in report.label_rows]).all()

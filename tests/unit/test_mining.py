@@ -262,3 +262,13 @@ def test_mined_manifest_loads_back_with_its_reasons(tmp_path, suffix: str) -> No
     if suffix == ".csv":
         table = pacsv.read_csv(uri)
         assert table.column("reason").to_pylist() == ["hard_positive:c", "misclassified;replay"]
+
+
+def test_mining_that_picks_the_whole_split_says_its_control_is_no_control() -> None:
+    from mlc_ray.train.mining_pipeline import whole_split_note
+
+    # seen: a 4-epoch base whose scores were constant mined 240 of 240 training images, and the
+    # report compared two fine-tunes on the same 240 images as "mined vs random"
+    note = whole_split_note(240, 240)
+    assert note is not None and "240 of 240" in note and "noise" in note
+    assert whole_split_note(239, 240) is None
