@@ -125,3 +125,56 @@ def test_writer_commits_atomically(tmp_path, monkeypatch) -> None:
     names = sorted(os.listdir(tmp_path / "tags" / "dt=2024-05-01"))
     assert names == ["part-r1-000000-dddddddddddd.parquet"]
     assert writer.committed_names() == {"part-r1-000000-dddddddddddd.parquet"}
+
+
+def _readme_query() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("**Reading the table.**") :]
+    return section[
+        section.index("```sql\n") + len("```sql\n") : section.index("```", section.index("```sql") + 6)
+    ]
+
+
+def test_the_readme_query_gives_the_newest_tags_of_one_version(tmp_path) -> None:
+    import duckdb
+
+    def write(version: str, run: str, dt: str, when: int, rows: list[tuple[str, list[float] | None]]) -> None:
+        ok = [i for i, (_, s) in enumerate(rows) if s is not None]
+        scores = np.array([rows[i][1] for i in ok], dtype=np.float32).reshape(len(ok), 2)
+        table = tag_rows(
+            image_uris=[f"s3://b/{name}" for name, _ in rows],
+            source_etags=[f"e-{name}-{when}" for name, _ in rows],
+            label_names=["cat", "dog"],
+            scores=scores,
+            predicted=scores >= 0.5,
+            ok_rows=ok,
+            widths=[10 if s is not None else None for _, s in rows],
+            heights=[10 if s is not None else None for _, s in rows],
+            errors=[None if s is not None else "truncated: cut" for _, s in rows],
+            provenance=Provenance(
+                model_name="photos-tagger",
+                model_version=version,
+                model_alias="champion",
+                thresholds_sha256="t",
+                backend="onnxruntime",
+                precision="fp32",
+                run_id=run,
+            ),
+            tagged_at=datetime(2026, 12, 1, when, tzinfo=UTC),
+        )
+        folder = tmp_path / "tags" / "photos" / f"dt={dt}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, folder / f"part-{run}.parquet")
+
+    write("7", "r1", "2026-12-01", 1, [("a.jpg", [0.9, 0.1]), ("b.jpg", None), ("c.jpg", [0.2, 0.8])])
+    write("7", "r2", "2026-12-02", 2, [("a.jpg", [0.1, 0.9])])  # an incremental run: a.jpg changed
+    write("6", "r0", "2026-12-02", 3, [("a.jpg", [0.9, 0.9])])  # another version, newer
+    state = tmp_path / "tags" / "photos" / "_runs" / "r1" / "counts"  # the runs' state beside the rows
+    state.mkdir(parents=True)
+    pq.write_table(pa.table({"image_uri": ["s3://b/z.jpg"]}), state / "part.parquet")
+
+    sql = _readme_query().replace("tags/photos", str(tmp_path / "tags" / "photos"))
+    got = {uri: list(labels) for uri, labels, _ in duckdb.connect().execute(sql).fetchall()}
+    assert got == {"s3://b/a.jpg": ["dog"], "s3://b/c.jpg": ["dog"]}
