@@ -93,6 +93,30 @@ def init_ray(address: str | None = None, *, keep_dashboard: bool = False, **kwar
 _STARTED_LOCAL_RAY = False  # set by init_ray when it started an embedded local Ray (not a cluster)
 
 
+def check_gpus_for(flag: str = "--use-gpu") -> None:
+    """After ``init_ray``, for a job asked to use GPUs: the cluster has a GPU, or the job fails now
+    when it can never get one. An embedded local Ray has the GPUs of this machine and no autoscaler,
+    so none means none (without this a training run waited forever for its workers' GPU, logging a
+    traceback a minute). A cluster may add GPU nodes on demand (the launcher and KubeRay configs
+    scale their GPU groups from zero): there a warning, and the job waits for the autoscaler."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return
+    if _STARTED_LOCAL_RAY:
+        raise JobError(
+            f"{flag}: the local Ray this job started has no GPU (none is visible on this machine); "
+            f"drop {flag}, or submit the job to a cluster with GPU nodes",
+            exit_code=2,
+        )
+    log.warning(
+        "%s: the Ray cluster has no GPU now; waiting for its autoscaler to add a GPU node (if it "
+        "cannot, nothing will start: stop the job and drop %s)",
+        flag,
+        flag,
+    )
+
+
 def shutdown_local_ray() -> None:
     """Stop the local Ray that ``init_ray`` started in this process; anything else is left alone (a
     cluster this job connected to, a Ray the caller started: tests, notebooks).

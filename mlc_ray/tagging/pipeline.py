@@ -52,7 +52,6 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from mlc_ray.cli import JobError
 from mlc_ray.progress import ProgressLine, quiet_ray_progress
 from mlc_ray.tagging.commit import ShardBuffer, ShardCommitter, gather_totals
 from mlc_ray.tagging.config import TagConfig
@@ -123,7 +122,7 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
     import ray
 
     from mlc_ray import storage
-    from mlc_ray.cli import init_ray
+    from mlc_ray.cli import check_gpus_for, init_ray
     from mlc_ray.tagging.backends import model_files_for
 
     t0 = time.monotonic()
@@ -237,10 +236,8 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             actors=cfg.actor_range,
             threads_per_actor=cfg.threads_per_actor,
         )
-        if cfg.use_gpu and resources.get("GPU", 0) < 1:
-            raise JobError(
-                "--use-gpu: the Ray cluster has no GPU; drop --use-gpu or add GPU nodes", exit_code=2
-            )
+        if cfg.use_gpu:
+            check_gpus_for("--use-gpu")  # none on a local Ray: an error; on a cluster: its autoscaler
         log.info(
             "inference: %d-%d %s actor(s) x %d thread(s)%s, batch %d",
             par.min_actors,

@@ -313,7 +313,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         ModelBundle,
     )
     from mlc_ray.calibrate import cross_fit_thresholds
-    from mlc_ray.cli import JobError, init_ray
+    from mlc_ray.cli import JobError, check_gpus_for, init_ray
     from mlc_ray.config import config_to_yaml
     from mlc_ray.data.demo import ensure_demo_data
     from mlc_ray.metrics import compute_metrics, jsonable_metrics, scalar_metrics
@@ -350,6 +350,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     finished = _finished_run(cfg)
     if finished is None or cfg.tta == "10crop":  # the 10-crop evaluation scores on Ray Data
         init_ray(keep_dashboard=True)  # Ray Train's placement-group cleaner needs the state API
+        if cfg.use_gpu:
+            check_gpus_for("--use-gpu")  # none on a local Ray: an error; on a cluster: its autoscaler
         quiet_ray_progress()  # before the datasets exist: their split coordinator copies this context
     if finished is None:
         bad_log = BadImageLog()

@@ -76,3 +76,61 @@ def test_a_running_ray_is_left_alone(calls, monkeypatch) -> None:
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     init_ray()
     assert calls == []
+
+
+@pytest.fixture
+def no_gpu(calls, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+
+def test_use_gpu_on_a_local_ray_without_gpus_fails_now(no_gpu) -> None:
+    from mlc_ray.cli import JobError, check_gpus_for
+
+    init_ray()  # the embedded local Ray: this machine's GPUs, no autoscaler
+    with pytest.raises(JobError, match="--use-gpu: the local Ray this job started has no GPU") as err:
+        check_gpus_for("--use-gpu")
+    assert err.value.exit_code == 2
+
+
+def test_use_gpu_on_a_cluster_without_gpus_yet_waits_for_its_autoscaler(no_gpu, monkeypatch, caplog) -> None:
+    from mlc_ray.cli import check_gpus_for
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster whose GPU group scales from zero
+    init_ray()
+    with caplog.at_level("WARNING", logger="mlc_ray"):
+        check_gpus_for("--use-gpu")
+    assert "waiting for its autoscaler" in caplog.text
+
+
+def test_training_and_tagging_check_the_gpu_before_starting_work(no_gpu, monkeypatch, tmp_path) -> None:
+    # seen: jobs/train.py --use-gpu on a CPU machine waited forever for its worker's GPU, a
+    # traceback a minute; tagging refused, but also on clusters that add GPU nodes on demand
+    from mlc_ray import cli
+    from mlc_ray.data.demo import generate_demo
+    from mlc_ray.tagging.config import TagConfig
+    from mlc_ray.tagging.pipeline import run_tagging
+    from mlc_ray.train.config import TrainConfig
+    from mlc_ray.train.runner import run_training
+    from tests.helpers import make_bundle
+
+    started = []
+
+    def fake_init_ray(*args, **kwargs) -> None:  # an embedded local Ray, without starting one
+        started.append(kwargs)
+        monkeypatch.setattr(cli, "_STARTED_LOCAL_RAY", True)
+
+    monkeypatch.setattr(cli, "init_ray", fake_init_ray)
+    monkeypatch.chdir(tmp_path)
+    data = generate_demo(str(tmp_path / "demo"), seed=1, num_train=8, num_val=4, image_size=32)
+    train = TrainConfig(data=data, storage_path=str(tmp_path / "runs"), model="mobilenet_v1", width=0.25,
+                        image_size=32, epochs=1, use_gpu=True, run_name="gpu")  # fmt: skip
+    with pytest.raises(cli.JobError, match="--use-gpu: the local Ray"):
+        run_training(train)
+    tag = TagConfig(
+        model=make_bundle(tmp_path / "bundle"), input=data, output=str(tmp_path / "tags"), use_gpu=True
+    )
+    with pytest.raises(cli.JobError, match="--use-gpu: the local Ray"):
+        run_tagging(tag)
+    assert len(started) == 2
