@@ -203,3 +203,32 @@ def test_the_worker_has_one_training_step() -> None:
     assert "train_step(" in source and "make_grad_scaler(" in source and "amp_dtype_for(" in source
     for duplicate in (".backward(", "torch.autocast(", "GradScaler(", "optimizer.step(", "scaler.step("):
         assert duplicate not in source, f"loop.py has its own {duplicate!r}: use mlc_ray.train.step"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_ddp_takes_the_grads_of_channels_last_weights_without_a_copy(
+    channels_last: bool, monkeypatch
+) -> None:
+    # the loop puts the weights in channels-last memory on CPU too: the NHWC batch makes conv backward
+    # return channels-last grads, and MobileNetV1's contiguous depthwise weights made DDP warn "Grad
+    # strides do not match bucket view strides" on every worker (and copy those grads)
+    import warnings
+
+    import torch.distributed as dist
+
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = to_device(_tagger("mobilenet_v1", width=0.25), "cpu", channels_last=channels_last)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        images, _ = _batch(4)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ddp(images).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    stride_warnings = [w for w in seen if "Grad strides do not match" in str(w.message)]
+    assert bool(stride_warnings) is (not channels_last), [str(w.message)[:80] for w in seen]
