@@ -58,7 +58,7 @@ from mlc_ray.tagging.config import TagConfig
 from mlc_ray.tagging.dataset import PREDICTOR_MAX_TASK_RETRIES, READ_BLOCK_KEYS, tag_shards
 from mlc_ray.tagging.isolation import ISOLATION_ATTEMPTS, ISOLATION_MAX_IMAGES
 from mlc_ray.tagging.listing import finished_run_notice, list_run, open_run
-from mlc_ray.tagging.parallelism import Parallelism, choose_parallelism
+from mlc_ray.tagging.parallelism import Parallelism, choose_parallelism, fit_to_blocks
 from mlc_ray.tagging.predictor import Predictor
 from mlc_ray.tagging.read import read_objects, read_with_retry
 from mlc_ray.tagging.report import MlflowConnection, RunReport, load_expectation
@@ -238,14 +238,21 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         )
         if cfg.use_gpu:
             check_gpus_for("--use-gpu")  # none on a local Ray: an error; on a cluster: its autoscaler
+        pending_keys = {
+            i: (max(0, min(shard_keys, state.n_images - i * shard_keys)), digests[i]) for i in pending
+        }
+        blocks = sum(-(-n // READ_BLOCK_KEYS) for n, _ in pending_keys.values())
+        capped = 0 < blocks < par.max_actors
+        par = fit_to_blocks(par, blocks)
         log.info(
-            "inference: %d-%d %s actor(s) x %d thread(s)%s, batch %d",
+            "inference: %d-%d %s actor(s) x %d thread(s)%s, batch %d%s",
             par.min_actors,
             par.max_actors,
             cfg.backend,
             par.threads_per_actor,
             f", {par.gpus_per_actor} GPU each" if cfg.use_gpu else "",
             cfg.batch_size,
+            f" (the run's {blocks} read block(s) of {READ_BLOCK_KEYS} keys)" if capped else "",
         )
         model_ref = ray.put(files)
         predictor_kwargs = {
@@ -263,9 +270,6 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
         committer = ShardCommitter(writer, counts_dir, report, summary)
         timings.lap("Ray start")
         started = time.monotonic()
-        pending_keys = {
-            i: (max(0, min(shard_keys, state.n_images - i * shard_keys)), digests[i]) for i in pending
-        }
         all_stats = tag_shards(
             cfg,
             store,

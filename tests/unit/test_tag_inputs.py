@@ -176,6 +176,19 @@ def test_parallelism_rule_leaves_room_for_reads() -> None:
     assert two.cpus_per_actor == 0.75 and sixteen.cpus_per_actor == sixteen.threads_per_actor
 
 
+def test_the_pool_never_outnumbers_the_runs_read_blocks() -> None:
+    from mlc_ray.tagging.parallelism import fit_to_blocks
+
+    two = choose_parallelism(2)  # 2 actors x 1 thread at 0.75 CPU each
+    one = fit_to_blocks(two, 1)  # a 9-image incremental run: one block of 64 keys
+    assert (one.min_actors, one.max_actors) == (1, 1)
+    assert (one.threads_per_actor, one.cpus_per_actor) == (two.threads_per_actor, two.cpus_per_actor)
+    assert fit_to_blocks(two, 2) == two and fit_to_blocks(two, 500) == two
+    assert fit_to_blocks(two, 0) == two  # nothing pending: no pool is started anyway
+    ranged = fit_to_blocks(choose_parallelism(16, actors=(2, 6)), 3)
+    assert (ranged.min_actors, ranged.max_actors) == (2, 3)
+
+
 def test_explicit_parallelism_never_starves_the_read_tasks() -> None:
     from mlc_ray.cli import UserError
 
