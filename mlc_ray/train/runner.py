@@ -120,7 +120,7 @@ class TrainResult:
         stage = "fine-tune stage: " if self.mining_report is not None else ""  # the model this job ships
         lines += [
             "",
-            f"{stage}wall time {self.wall_time_s:.1f} s, {self.epochs_trained} epochs trained "
+            f"{stage}wall time {self.wall_time_s:.1f} s, {self.epochs_trained} epoch{'' if self.epochs_trained == 1 else 's'} trained "
             f"({starts_text(self.starts, self.epochs_trained)}), {self.images_per_s:.1f} training images/s",
             f"model bundle: {self.bundle_dir}",
             f"MLflow run id: {self.mlflow_run_id}",
