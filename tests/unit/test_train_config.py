@@ -206,3 +206,13 @@ def test_the_run_summary_prints_its_starts_as_the_logs_epochs() -> None:
         starts_text([0, 3, 12], 0)
         == "started at epoch 1, resumed at epoch 4, resumed with every epoch already trained"
     )
+
+
+def test_the_summary_warns_when_labels_scored_every_image_alike() -> None:
+    from mlc_ray.train.runner import collapsed_labels_note
+
+    reasons = {"cat": "constant scores", "dog": "constant scores: all within 6e-08", "car": "no positives"}
+    (line,) = collapsed_labels_note(reasons, 5)
+    assert line.startswith("WARNING: 2 of 5 labels score every validation image alike (cat, dog)")
+    assert "car" not in line  # a label without positives is the data's problem, not the model's
+    assert collapsed_labels_note({"car": "no positives"}, 5) == []
