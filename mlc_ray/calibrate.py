@@ -18,11 +18,11 @@ curve nearest to (FPR 0, TPR 1). This module offers that rule and three others:
 Every threshold is applied as ``score >= threshold`` (``Thresholds.apply``). ``f1_max`` and
 ``precision_at`` pick a *distinct score* s of the label and place the threshold at the midpoint
 between s and the next lower distinct score (at s itself if s is the lowest score, or if the two
-scores are so close that their midpoint rounds onto the lower one). Scores within
-``SCORE_RESOLUTION`` (1e-6) of each other count as one score: the exported graphs score within ~1e-7
-of torch, so a threshold between such scores would decide by rounding. Both choices predict exactly the
+scores are so close that their midpoint rounds onto the lower one). Both choices predict exactly the
 same samples on the fitting data, so applying the saved threshold reproduces the F1 / precision that
 was measured; the midpoint only leaves a margin for unseen scores (and float32 rounding downstream).
+Scores within ``SCORE_RESOLUTION`` (1e-6) of each other count as one score: the exported graphs score
+within ~1e-7 of torch, so a threshold between such scores would decide by rounding.
 
 A label with no positives, no negatives, or constant scores (every score within ``SCORE_RESOLUTION``:
 what a collapsed model gives) cannot be calibrated: it keeps the
