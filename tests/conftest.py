@@ -10,8 +10,10 @@ marked by their folder.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,13 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # fixture (test_train.py's) took 45.9-53.1 s (median 47.0) against 48.6-57.9 s (median 51.2) at the
 # default, four alternating pairs (2026-12-04, AMD EPYC 2 vCPUs). Speed only: no test depends on it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# The tests' own MLflow store for whatever finds no MLFLOW_TRACKING_URI of a test's (jobs run in
+# process and as subprocesses): the default, sqlite:///mlflow.db + ./mlruns in the cwd, was the repo
+# root, where the tagging tests left ~18 runs that a later `make demo` logged beside (its store is the
+# same file). A URI set from outside the suite is kept.
+_MLFLOW_HOME = Path(tempfile.mkdtemp(prefix="mlc_ray-tests-mlflow-"))
+_MLFLOW_DEFAULT_URI = f"sqlite:///{_MLFLOW_HOME / 'mlflow.db'}"
+os.environ.setdefault("MLFLOW_TRACKING_URI", _MLFLOW_DEFAULT_URI)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -40,6 +49,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for tier in ("unit", "integration", "chaos"):
             if tier in parts and not any(m.name == tier for m in item.iter_markers()):
                 item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_mlflow_store() -> Iterator[None]:
+    """The experiments jobs create under the tests' default store, made first with their artifacts in
+    its temp dir: with a sqlite store MLflow puts a new experiment's artifacts in ./mlruns of the cwd
+    (the repo root), and only a server-internal variable moves that default."""
+    if os.environ.get("MLFLOW_TRACKING_URI") == _MLFLOW_DEFAULT_URI:
+        from mlflow import MlflowClient
+
+        from mlc_ray.tagging.report import TAGGING_EXPERIMENT
+        from mlc_ray.train.config import TrainConfig
+
+        client = MlflowClient(tracking_uri=_MLFLOW_DEFAULT_URI)
+        for name in (TAGGING_EXPERIMENT, TrainConfig.experiment):
+            if client.get_experiment_by_name(name) is None:
+                client.create_experiment(name, artifact_location=(_MLFLOW_HOME / "artifacts" / name).as_uri())
+    yield
+    shutil.rmtree(_MLFLOW_HOME, ignore_errors=True)
 
 
 _MLFLOW_EXPERIMENT_AT_START = {"MLFLOW_EXPERIMENT_ID": os.environ.get("MLFLOW_EXPERIMENT_ID")}
