@@ -242,8 +242,8 @@ def run_tagging(cfg: TagConfig, *, raise_on_error_rate: bool = True) -> TagSumma
             i: (max(0, min(shard_keys, state.n_images - i * shard_keys)), digests[i]) for i in pending
         }
         blocks = sum(-(-n // READ_BLOCK_KEYS) for n, _ in pending_keys.values())
-        capped = 0 < blocks < par.max_actors
-        par = fit_to_blocks(par, blocks)
+        fitted = fit_to_blocks(par, blocks)
+        capped, par = fitted.max_actors < par.max_actors, fitted
         log.info(
             "inference: %d-%d %s actor(s) x %d thread(s)%s, batch %d%s",
             par.min_actors,
